@@ -1,0 +1,3 @@
+from contrastseg.cli import main
+
+main()

@@ -1,0 +1,275 @@
+"""The typed experiment config: one object, validated once when it is loaded.
+
+A YAML file may name one ``base:`` file (relative to itself); its keys are merged over the base
+recursively. The base itself may not have a ``base:``. Overrides from the command line
+(``--set train.iters=200``) are applied last and parsed as YAML scalars.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from contrastseg.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where the images come from and how they are augmented."""
+
+    name: Literal["synthetic", "folder"] = "synthetic"
+    root: Path | None = None
+    train_split: str = "train"
+    val_split: str = "val"
+    # synthetic only: the data set is a pure function of (seed, split, index)
+    seed: int = 0
+    train_size: int = Field(1000, ge=1)
+    val_size: int = Field(100, ge=1)
+    image_size: tuple[int, int] = (128, 128)
+    difficulty: float = Field(1.0, ge=0.0)
+    # augmentation
+    crop_size: tuple[int, int] = (128, 128)
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    flip: bool = True
+    jitter: float = Field(0.2, ge=0.0, le=1.0)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    num_workers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.name == "folder" and self.root is None:
+            raise ValueError("data.root is required when data.name is 'folder'")
+        if not 0 < self.scale_range[0] <= self.scale_range[1]:
+            raise ValueError(f"data.scale_range must satisfy 0 < min <= max, got {self.scale_range}")
+        if min(self.crop_size) < 8 or min(self.image_size) < 8:
+            raise ValueError("data.crop_size and data.image_size must be at least 8x8")
+        if min(self.std) <= 0:
+            raise ValueError(f"data.std must be positive, got {self.std}")
+        return self
+
+
+class BackboneConfig(_Section):
+    name: Literal["mobilenetv3_large", "resnet101"] = "mobilenetv3_large"
+    output_stride: Literal[8, 16, 32] = 8
+    weights: Path | None = None
+    strict: bool = True
+
+
+class ModelConfig(_Section):
+    """Backbone + decode head (+ auxiliary head, + projection head in training)."""
+
+    backbone: BackboneConfig = BackboneConfig()
+    head: Literal["deeplabv3"] = "deeplabv3"
+    head_channels: int = Field(256, ge=8)
+    aspp_rates: tuple[int, int, int] = (12, 24, 36)
+    aux: bool = True
+    aux_channels: int = Field(256, ge=8)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    projection_dim: int = Field(256, ge=2)
+
+
+class CrossEntropyConfig(_Section):
+    weight: float = Field(1.0, ge=0.0)
+    aux_weight: float = Field(0.4, ge=0.0)
+
+
+class MemoryConfig(_Section):
+    enabled: bool = False
+    pixel_size: int = Field(5000, ge=1)
+    pixels_per_image: int = Field(10, ge=1)
+    region_mode: Literal["fifo", "per_image", "none"] = "fifo"
+    region_size: int = Field(5000, ge=1)
+    dtype: Literal["float32", "float16"] = "float32"
+    sampling: Literal["all", "random", "hardest", "semi_hard"] = "all"
+    k_pos: int = Field(1024, ge=1)
+    k_neg: int = Field(2048, ge=1)
+    semi_hard_fraction: float = Field(0.1, gt=0.0, le=1.0)
+
+
+class ContrastConfig(_Section):
+    enabled: bool = False
+    weight: float = Field(0.1, ge=0.0)
+    warmup_iters: int = Field(0, ge=0)
+    temperature: float = Field(0.1, gt=0.0)
+    base_temperature: float = Field(0.07, gt=0.0)
+    max_samples: int = Field(1024, ge=1)
+    max_views: int = Field(100, ge=1)
+    memory: MemoryConfig = MemoryConfig()
+
+
+class LossConfig(_Section):
+    ce: CrossEntropyConfig = CrossEntropyConfig()
+    contrast: ContrastConfig = ContrastConfig()
+
+
+class OptimConfig(_Section):
+    """SGD with poly learning-rate decay and optional linear warm-up."""
+
+    lr: float = Field(0.01, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    poly_power: float = Field(0.9, ge=0.0)
+    warmup_iters: int = Field(0, ge=0)
+    warmup_ratio: float = Field(0.1, gt=0.0, le=1.0)
+
+
+class TrainConfig(_Section):
+    iters: int = Field(1000, ge=1)
+    batch_size: int = Field(8, ge=1)
+    seed: int = 0
+    device: str = "auto"
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    eval_every: int = Field(0, ge=0)
+    deterministic: bool = False
+    threads: int = Field(0, ge=0)
+
+
+class EvalConfig(_Section):
+    batch_size: int = Field(8, ge=1)
+    figure_images: int = Field(4, ge=0)
+
+
+class OutputConfig(_Section):
+    root: Path = Path("runs")
+    name: str = "run"
+
+
+class ExperimentConfig(_Section):
+    """Everything a run needs. Built by :func:`load_config`, never mutated by the engine."""
+
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    output: OutputConfig = OutputConfig()
+
+    @property
+    def run_dir(self) -> Path:
+        return self.output.root / self.output.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _apply_override(tree: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.iters=200")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {item!r}: empty key component in {key!r}")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {err}") from err
+
+
+def _allowed(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
+    """Names of the keys allowed at ``loc`` (for unknown-key messages)."""
+    current: Any = model
+    for part in loc[:-1]:
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return ""
+        current = field.annotation
+    fields = getattr(current, "model_fields", None)
+    return ", ".join(sorted(fields)) if fields else ""
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed(ExperimentConfig, loc)
+            lines.append(f"{source}: unknown key '{key}' (allowed here: {allowed})")
+        else:
+            value = e.get("input")
+            msg = e["msg"]
+            if e["type"] == "literal_error":
+                msg = msg.replace("Input should be", "allowed values are")
+            lines.append(f"{source}: key '{key}' = {value!r}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> ExperimentConfig:
+    """Load, merge and validate an experiment config.
+
+    Args:
+        path: YAML file, or None for the defaults.
+        overrides: ``"a.b=value"`` strings applied after the file.
+    Raises:
+        ConfigError: naming the file, the key and the allowed values.
+    """
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        tree = _read_yaml(path)
+        base = tree.pop("base", None)
+        if base is not None:
+            base_path = (path.parent / str(base)).resolve()
+            base_tree = _read_yaml(base_path)
+            if "base" in base_tree:
+                raise ConfigError(
+                    f"{base_path}: a base config may not itself have 'base:' (one level only)"
+                )
+            tree = _merge(base_tree, tree)
+    for item in overrides:
+        _apply_override(tree, item)
+    try:
+        return ExperimentConfig.model_validate(tree)
+    except ValidationError as err:
+        where = source + (" (with --set overrides)" if overrides else "")
+        raise ConfigError(_format_errors(where, err)) from None
+
+
+def save_config(cfg: ExperimentConfig, path: Path) -> None:
+    """Write the resolved config as YAML."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,247 @@
+"""The training loop: SGD + poly learning rate, checkpoints, exact resume, logs, final evaluation."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
+
+from contrastseg.config import ExperimentConfig, OptimConfig, save_config
+from contrastseg.engine import checkpoint as ckpt
+from contrastseg.engine.builders import build_eval_dataset, build_train_dataset
+from contrastseg.engine.evaluator import evaluate, format_table, write_eval_json
+from contrastseg.engine.runtime import environment_info, resolve_device, seed_everything
+from contrastseg.engine.sampling import EpochIndexed, IterationBatchSampler
+from contrastseg.errors import CheckpointError
+from contrastseg.losses import LossSet
+from contrastseg.models import build_model
+
+log = logging.getLogger("contrastseg")
+
+
+def poly_lr(cfg: OptimConfig, it: int, total: int) -> float:
+    """Learning rate at 0-based iteration ``it``: linear warm-up, then poly decay to 0."""
+    if it < cfg.warmup_iters:
+        ratio = cfg.warmup_ratio + (1.0 - cfg.warmup_ratio) * it / cfg.warmup_iters
+        return cfg.lr * ratio
+    return cfg.lr * (1.0 - it / total) ** cfg.poly_power
+
+
+def collate_train(items: list[dict]) -> dict:
+    return {
+        "image": torch.stack([it["image"] for it in items]),
+        "mask": torch.stack([it["mask"] for it in items]),
+        "index": torch.tensor([it["index"] for it in items]),
+    }
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    iteration: int
+    metrics: dict | None
+
+
+class Trainer:
+    """Owns the model, optimiser, loss set and data of one run directory.
+
+    ``fit()`` trains from the current iteration to ``train.iters``, writing checkpoints every
+    ``train.checkpoint_every`` iterations and at the end, then evaluates on the val split.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, resume: bool = False, progress: bool = True):
+        self.cfg = cfg
+        self.progress = progress
+        self.run_dir = cfg.run_dir
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        seed_everything(cfg.train.seed, cfg.train.deterministic)
+        self.device = resolve_device(cfg.train.device)
+
+        self.train_set = build_train_dataset(cfg.data, seed=cfg.train.seed)
+        self.num_classes = self.train_set.num_classes
+        self.class_names = list(self.train_set.classes)
+        contrast = cfg.loss.contrast.enabled
+        self.model = build_model(cfg.model, self.num_classes, with_projection=contrast).to(
+            self.device
+        )
+        self.loss_set = LossSet(
+            cfg.loss,
+            self.num_classes,
+            embed_dim=cfg.model.projection_dim,
+            seed=cfg.train.seed,
+            num_images=len(self.train_set),
+        ).to(self.device)
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(),
+            lr=cfg.optim.lr,
+            momentum=cfg.optim.momentum,
+            weight_decay=cfg.optim.weight_decay,
+        )
+        self.iteration = 0
+        if resume:
+            self._resume()
+        elif ckpt.list_checkpoints(self.ckpt_dir):
+            raise CheckpointError(
+                f"{self.ckpt_dir} already holds checkpoints: pass --resume to continue that run, "
+                "or choose another output.name"
+            )
+
+    # --- state -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "format_version": ckpt.FORMAT_VERSION,
+            "iteration": self.iteration,
+            "config": self.cfg.to_dict(),
+            "class_names": self.class_names,
+            "palette": self.train_set.palette.tolist(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "loss": self.loss_set.state_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
+            "environment": environment_info(self.device),
+        }
+
+    def _resume(self) -> None:
+        found = ckpt.latest_loadable(self.ckpt_dir)
+        if found is None:
+            raise CheckpointError(f"--resume: no loadable checkpoint in {self.ckpt_dir}")
+        path, state = found
+        if state["class_names"] != self.class_names:
+            raise CheckpointError(
+                f"{path}: made for {len(state['class_names'])} classes {state['class_names']}, "
+                f"but the data set has {self.num_classes} {self.class_names}"
+            )
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as err:
+            raise CheckpointError(f"{path}: does not fit the configured model: {err}") from err
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loss_set.load_state_dict(state["loss"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.iteration = state["iteration"]
+        log.info("resumed from %s at iteration %d", path, self.iteration)
+
+    def save_checkpoint(self) -> Path:
+        path = ckpt.checkpoint_path(self.ckpt_dir, self.iteration)
+        ckpt.atomic_save(self.state_dict(), path)
+        ckpt.rotate(self.ckpt_dir, self.cfg.train.keep_checkpoints)
+        return path
+
+    # --- training --------------------------------------------------------------------------
+    def _loader(self) -> DataLoader:
+        t = self.cfg.train
+        sampler = IterationBatchSampler(
+            len(self.train_set), t.batch_size, t.iters, seed=t.seed, start=self.iteration
+        )
+        return DataLoader(
+            EpochIndexed(self.train_set),
+            batch_sampler=sampler,
+            num_workers=self.cfg.data.num_workers,
+            collate_fn=collate_train,
+            persistent_workers=False,
+        )
+
+    def train_step(self, batch: dict) -> dict[str, float]:
+        """One SGD step on a batch; returns the loss terms as floats."""
+        lr = poly_lr(self.cfg.optim, self.iteration, self.cfg.train.iters)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        image = batch["image"].to(self.device, non_blocking=True)
+        target = batch["mask"].to(self.device, non_blocking=True)
+        outputs = self.model(image)
+        terms = self.loss_set(outputs, target, self.iteration, batch["index"].to(self.device))
+        self.optimizer.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        self.optimizer.step()
+        self.iteration += 1
+        values = {k: float(v.detach()) for k, v in terms.items()}
+        values["lr"] = lr
+        return values
+
+    def fit(self) -> TrainResult:
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.run_dir / "config.yaml")
+        (self.run_dir / "environment.json").write_text(
+            json.dumps(environment_info(self.device), indent=2)
+        )
+        writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        metrics_file = (self.run_dir / "metrics.jsonl").open("a")
+        self.model.train()
+        total = cfg.train.iters
+        start_iter = self.iteration
+        t_last, it_last = time.perf_counter(), self.iteration
+        from contrastseg.engine.progress import TrainProgress
+
+        with TrainProgress(total, self.iteration, enabled=self.progress) as bar:
+            for batch in self._loader():
+                values = self.train_step(batch)
+                bar.advance(values)
+                if self.iteration % cfg.train.log_every == 0 or self.iteration == total:
+                    now = time.perf_counter()
+                    values["s_per_iter"] = (now - t_last) / max(1, self.iteration - it_last)
+                    t_last, it_last = now, self.iteration
+                    record = {"iter": self.iteration, **values}
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                    for k, v in values.items():
+                        writer.add_scalar(f"train/{k}", v, self.iteration)
+                    if not all(math.isfinite(v) for v in values.values()):
+                        log.warning("non-finite value at iteration %d: %s", self.iteration, values)
+                if self.iteration % cfg.train.checkpoint_every == 0 and self.iteration < total:
+                    self.save_checkpoint()
+                if cfg.train.eval_every and self.iteration % cfg.train.eval_every == 0:
+                    self._evaluate(writer, final=False)
+        if self.iteration > start_iter or not ckpt.list_checkpoints(self.ckpt_dir):
+            self.save_checkpoint()
+        metrics = self._evaluate(writer, final=True)
+        writer.close()
+        metrics_file.close()
+        return TrainResult(self.run_dir, self.iteration, metrics)
+
+    def _evaluate(self, writer: SummaryWriter, final: bool) -> dict:
+        cfg = self.cfg
+        val = build_eval_dataset(cfg.data)
+        keep = cfg.eval.figure_images if final else 0
+        metrics, samples = evaluate(
+            self.model, val, self.device, cfg.eval.batch_size, cfg.data.num_workers, keep=keep
+        )
+        for key in ("mIoU", "pixel_acc", "mean_acc", "fwIoU"):
+            writer.add_scalar(f"val/{key}", metrics[key], self.iteration)
+        if final:
+            write_eval_json(
+                metrics, self.class_names, self.run_dir / "eval.json", iteration=self.iteration
+            )
+            print(format_table(metrics, self.class_names))
+            if samples:
+                from contrastseg.viz.figures import save_prediction_figure
+
+                save_prediction_figure(
+                    samples,
+                    val.palette,
+                    self.run_dir / "figures" / "val_predictions.png",
+                    mean=cfg.data.mean,
+                    std=cfg.data.std,
+                )
+        else:
+            log.info("iteration %d: val mIoU %.2f%%", self.iteration, 100 * metrics["mIoU"])
+        return metrics
+
+
+def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train (or resume) the run a config describes and evaluate it on the val split."""
+    return Trainer(cfg, resume=resume, progress=progress).fit()
