@@ -92,6 +92,26 @@ def bench_loss(
     typer.echo(format_loss_benchmark(run_loss_benchmark(**kwargs)))
 
 
+@bench_app.command("step")
+def bench_step(
+    config: Annotated[Path, typer.Argument(help="Experiment YAML (model and contrast settings).")],
+    batch: Annotated[int, typer.Option(help="Batch size.")] = 2,
+    height: Annotated[int, typer.Option(help="Input height.")] = 256,
+    width: Annotated[int, typer.Option(help="Input width.")] = 512,
+    classes: Annotated[int, typer.Option(help="Number of classes.")] = 19,
+    repeats: Annotated[int, typer.Option(help="Timed repeats of each (median).")] = 5,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    overrides: Overrides = None,
+) -> None:
+    """s/iter of a train step with and without contrast, and the overhead in percent."""
+    from contrastseg import load_config
+    from contrastseg.benchmarks.train_step import format_step_benchmark, run_step_benchmark
+
+    cfg = load_config(config, overrides or [])
+    row = run_step_benchmark(cfg, classes, batch, (height, width), repeats, device)
+    typer.echo(format_step_benchmark(row))
+
+
 def main() -> None:
     """Entry point: turns contrastseg's own errors into a one-line message and exit code 2."""
     _setup_logging()
