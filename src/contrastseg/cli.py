@@ -33,7 +33,9 @@ def _setup_logging() -> None:
 def train(
     config: Annotated[Path, typer.Argument(help="Experiment YAML file.")],
     overrides: Overrides = None,
-    resume: Annotated[bool, typer.Option(help="Continue from the run's newest checkpoint.")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue from the run's newest checkpoint.")
+    ] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Train a model, checkpoint it, evaluate it on the val split."""

@@ -47,7 +47,9 @@ class DataConfig(_Section):
         if self.name == "folder" and self.root is None:
             raise ValueError("data.root is required when data.name is 'folder'")
         if not 0 < self.scale_range[0] <= self.scale_range[1]:
-            raise ValueError(f"data.scale_range must satisfy 0 < min <= max, got {self.scale_range}")
+            raise ValueError(
+                f"data.scale_range must satisfy 0 < min <= max, got {self.scale_range}"
+            )
         if min(self.crop_size) < 8 or min(self.image_size) < 8:
             raise ValueError("data.crop_size and data.image_size must be at least 8x8")
         if min(self.std) <= 0:

@@ -6,16 +6,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from contrastseg.config import ExperimentConfig
+from contrastseg.data import colorize, load_image
 from contrastseg.engine.builders import build_eval_dataset
 from contrastseg.engine.checkpoint import load_checkpoint
 from contrastseg.engine.evaluator import evaluate, format_table, write_eval_json
 from contrastseg.engine.runtime import resolve_device
 from contrastseg.errors import CheckpointError, DataError
 from contrastseg.models import Segmentor, build_model
-from contrastseg.viz.figures import colorize
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
@@ -68,14 +68,6 @@ def evaluate_checkpoint(
     return metrics
 
 
-def _read_image(path: Path) -> np.ndarray:
-    try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
-    except (OSError, UnidentifiedImageError) as err:
-        raise DataError(f"{path}: cannot read image: {err}") from err
-
-
 def expand_images(inputs: list[Path]) -> list[Path]:
     """Files as given, and the image files inside given folders (sorted)."""
     files: list[Path] = []
@@ -104,7 +96,7 @@ def predict(checkpoint: Path, images: list[Path], out_dir: Path, alpha: float = 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for path in expand_images(images):
-        rgb = _read_image(path)
+        rgb = load_image(path)
         x = (torch.from_numpy(rgb).permute(2, 0, 1).float() / 255 - mean) / std
         pred = model.predict_logits(x[None].to(device)).argmax(1)[0].cpu().numpy().astype(np.uint8)
         color = colorize(pred, palette)

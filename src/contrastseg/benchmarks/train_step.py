@@ -66,7 +66,7 @@ def run_step_benchmark(
         "contrast": _make_step(cfg, num_classes, True, dev),
     }
     times: dict[str, list[float]] = {k: [] for k in steps}
-    for name, step in steps.items():  # warm-up
+    for step in steps.values():  # warm-up
         step(image, target)
     for _ in range(repeats):
         for name, step in steps.items():

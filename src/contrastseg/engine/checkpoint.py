@@ -45,7 +45,9 @@ def load_checkpoint(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001 - a broken file can fail in many ways
-        raise CheckpointError(f"{path}: cannot read checkpoint (truncated or corrupt?): {err}") from err
+        raise CheckpointError(
+            f"{path}: cannot read checkpoint (truncated or corrupt?): {err}"
+        ) from err
     if not isinstance(state, dict) or "format_version" not in state:
         raise CheckpointError(f"{path}: not a contrastseg checkpoint (no format_version)")
     if state["format_version"] > FORMAT_VERSION:

@@ -78,7 +78,9 @@ def format_table(metrics: dict, class_names: list[str]) -> str:
     """A plain-text table of per-class IoU and the summary metrics (percentages)."""
 
     def pct(v: float | None) -> str:
-        return "   n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:6.2f}"
+        return (
+            "   n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:6.2f}"
+        )
 
     width = max(12, *(len(n) for n in class_names))
     lines = [f"{'class':<{width}}    IoU    Acc", "-" * (width + 15)]

@@ -10,7 +10,9 @@ import torch
 class ConfusionMatrix:
     """``mat[t, p]`` counts pixels of true class t predicted as p; ignore pixels are skipped."""
 
-    def __init__(self, num_classes: int, device: torch.device | str = "cpu", ignore_index: int = 255):
+    def __init__(
+        self, num_classes: int, device: torch.device | str = "cpu", ignore_index: int = 255
+    ):
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
@@ -18,13 +20,17 @@ class ConfusionMatrix:
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """pred, target: (..., H, W) int64 of the same shape."""
         if pred.shape != target.shape:
-            raise ValueError(f"prediction shape {tuple(pred.shape)} != target {tuple(target.shape)}")
+            raise ValueError(
+                f"prediction shape {tuple(pred.shape)} != target {tuple(target.shape)}"
+            )
         n = self.num_classes
         valid = target != self.ignore_index
         t = target[valid].to(torch.int64)
         p = pred[valid].to(torch.int64)
         if t.numel() and (int(t.max()) >= n or int(t.min()) < 0):
-            raise ValueError(f"target holds class ids outside [0, {n}) other than {self.ignore_index}")
+            raise ValueError(
+                f"target holds class ids outside [0, {n}) other than {self.ignore_index}"
+            )
         self.mat += torch.bincount(t * n + p, minlength=n * n).reshape(n, n)
 
     def compute(self) -> dict:

@@ -38,7 +38,9 @@ class IterationBatchSampler(Sampler[list[tuple[int, int]]]):
                 f"= {batch_size}"
             )
         if batch_size % world_size:
-            raise ValueError(f"train.batch_size {batch_size} is not divisible by {world_size} processes")
+            raise ValueError(
+                f"train.batch_size {batch_size} is not divisible by {world_size} processes"
+            )
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.iters = iters
@@ -62,7 +64,7 @@ class IterationBatchSampler(Sampler[list[tuple[int, int]]]):
 
 
 class EpochIndexed(Dataset):
-    """Adapts a dataset with ``set_epoch`` to keys ``(epoch, index)`` (works in worker processes)."""
+    """Adapts a dataset with ``set_epoch`` to keys ``(epoch, index)``; works in worker processes."""
 
     def __init__(self, dataset) -> None:
         self.dataset = dataset

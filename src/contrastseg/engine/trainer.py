@@ -1,4 +1,4 @@
-"""The training loop: SGD + poly learning rate, checkpoints, exact resume, logs, final evaluation."""
+"""The training loop: SGD + poly lr, checkpoints, exact resume, logs, final evaluation."""
 
 from __future__ import annotations
 
@@ -152,7 +152,9 @@ class Trainer:
             batch_sampler=sampler,
             num_workers=self.cfg.data.num_workers,
             collate_fn=collate_train,
-            persistent_workers=False,
+            # A private generator: creating the loader must not draw from the global RNG, or a
+            # resumed run's dropout masks would shift by one draw.
+            generator=torch.Generator().manual_seed(t.seed),
         )
 
     def train_step(self, batch: dict) -> dict[str, float]:

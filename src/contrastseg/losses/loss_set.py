@@ -74,7 +74,9 @@ class LossSet(nn.Module):
         image_ids: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         cfg = self.cfg
-        terms: dict[str, torch.Tensor] = {"ce": cross_entropy(outputs["seg"], target, self.ignore_index)}
+        terms: dict[str, torch.Tensor] = {
+            "ce": cross_entropy(outputs["seg"], target, self.ignore_index)
+        }
         total = cfg.ce.weight * terms["ce"]
         if "aux" in outputs:
             terms["aux_ce"] = cross_entropy(outputs["aux"], target, self.ignore_index)

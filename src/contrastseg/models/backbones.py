@@ -36,7 +36,9 @@ class TimmBackbone(nn.Module):
             TIMM_NAMES[name], features_only=True, output_stride=output_stride, pretrained=False
         )
         self.channels: list[int] = list(self.body.feature_info.channels())
-        self.strides: list[int] = [min(r, output_stride) for r in self.body.feature_info.reduction()]
+        self.strides: list[int] = [
+            min(r, output_stride) for r in self.body.feature_info.reduction()
+        ]
         self.out_index = len(self.channels) - 1
         self.aux_index = len(self.channels) - 2
 

@@ -1,0 +1,205 @@
+"""Joint image + mask transforms: numpy in, normalised torch tensors out.
+
+Inputs: image (H, W, 3) uint8 RGB, mask (H, W) uint8 with 255 = ignore. Outputs: image
+(3, h, w) float32 normalised with (mean, std) in [0, 1] units, mask (h, w) int64 where ignored
+pixels hold ``ignore_index``. Every random number comes from the ``torch.Generator`` passed to
+``__call__``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from contrastseg.errors import DataError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_GREY = (0.299, 0.587, 0.114)
+
+
+def _stats(values: Sequence[float], what: str) -> torch.Tensor:
+    t = torch.as_tensor(tuple(float(v) for v in values), dtype=torch.float32)
+    if t.shape != (3,):
+        raise DataError(f"{what} must have 3 values (R, G, B), got {tuple(values)!r}")
+    if what == "std" and bool((t <= 0).any()):
+        raise DataError(f"std values must be positive, got {tuple(values)!r}")
+    return t.view(3, 1, 1)
+
+
+def _check_pair(image: np.ndarray, mask: np.ndarray) -> None:
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise DataError(
+            f"expected an image (H, W, 3) uint8, got shape {image.shape} dtype {image.dtype}"
+        )
+    if mask.shape != image.shape[:2]:
+        raise DataError(f"mask shape {mask.shape} does not match image shape {image.shape[:2]}")
+
+
+def _to_tensors(
+    image: np.ndarray, mask: np.ndarray, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(3, H, W) float32 in [0, 1] and (H, W) int64 with 255 mapped to ``ignore_index``."""
+    _check_pair(image, mask)
+    img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    msk = torch.from_numpy(np.asarray(mask).astype(np.int64))
+    if ignore_index != 255:
+        msk[msk == 255] = ignore_index
+    return img, msk
+
+
+def _source_coords(size_in: int, size_out: int) -> torch.Tensor:
+    """Pixel-centre source coordinates (float64) of ``size_out`` output pixels."""
+    scale = size_in / size_out
+    return (torch.arange(size_out, dtype=torch.float64) + 0.5) * scale - 0.5
+
+
+def _resize_bilinear(img: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Bilinear resize of (3, H, W), half-pixel centres (``align_corners=False``).
+
+    Built from gathers and element-wise ops only, so the result does not depend on the
+    number of torch threads (``F.interpolate`` does, in the last bit).
+    """
+    for dim, size in ((1, h), (2, w)):
+        n = img.shape[dim]
+        src = _source_coords(n, size).clamp_(min=0.0)
+        i0 = src.floor().long().clamp_(max=n - 1)
+        i1 = (i0 + 1).clamp_(max=n - 1)
+        frac = (src - i0).to(torch.float32)
+        frac = frac.view(-1, 1) if dim == 1 else frac.view(1, -1)
+        a, b = img.index_select(dim, i0), img.index_select(dim, i1)
+        img = a + (b - a) * frac
+    return img
+
+
+def _resize_nearest(mask: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Nearest resize of (H, W) sampling at pixel centres, aligned with ``_resize_bilinear``."""
+    rows = (_source_coords(mask.shape[0], h) + 0.5).floor().long().clamp_(0, mask.shape[0] - 1)
+    cols = (_source_coords(mask.shape[1], w) + 0.5).floor().long().clamp_(0, mask.shape[1] - 1)
+    return mask.index_select(0, rows).index_select(1, cols)
+
+
+def normalize(image: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float32, ``(x / 255 - mean) / std``."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise DataError(f"expected an image (H, W, 3), got shape {image.shape}")
+    img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    return (img - _stats(mean, "mean")) / _stats(std, "std")
+
+
+def denormalize(image: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
+    """(3, H, W) normalised tensor -> (H, W, 3) uint8, for visualisation."""
+    image = torch.as_tensor(image).detach().to("cpu", torch.float32)
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise DataError(f"expected an image tensor (3, H, W), got shape {tuple(image.shape)}")
+    out = (image * _stats(std, "std") + _stats(mean, "mean")).mul_(255.0).round_().clamp_(0, 255)
+    return out.to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+
+
+class TrainTransform:
+    """Random scale, pad, random crop, horizontal flip, colour jitter, normalise.
+
+    ``crop_size`` is (height, width); the outputs are image (3, h, w) float32 and mask (h, w)
+    int64 with exactly that size. The image is resized bilinearly and the mask by nearest
+    neighbour, both sampling at pixel centres so they stay aligned. Padding (bottom and
+    right) uses the mean colour for the image (0 after normalising) and ``ignore_index`` for
+    the mask. Jitter draws brightness, contrast and saturation factors in
+    ``[1 - jitter, 1 + jitter]``.
+    """
+
+    def __init__(
+        self,
+        crop_size: tuple[int, int],
+        scale_range: tuple[float, float] = (0.5, 2.0),
+        flip: bool = True,
+        jitter: float = 0.2,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        ignore_index: int = 255,
+    ) -> None:
+        try:
+            ch, cw = (int(v) for v in crop_size)
+        except (TypeError, ValueError):
+            raise DataError(f"crop_size must be (height, width), got {crop_size!r}") from None
+        if ch < 1 or cw < 1:
+            raise DataError(f"crop_size must be positive, got {crop_size!r}")
+        lo, hi = (float(v) for v in scale_range)
+        if not 0 < lo <= hi:
+            raise DataError(f"scale_range must satisfy 0 < min <= max, got {scale_range!r}")
+        if not 0.0 <= jitter <= 1.0:
+            raise DataError(f"jitter must be in [0, 1] (0 disables it), got {jitter!r}")
+        self.crop_size = (ch, cw)
+        self.scale_range = (lo, hi)
+        self.flip = bool(flip)
+        self.jitter = float(jitter)
+        self.mean = _stats(mean, "mean")
+        self.std = _stats(std, "std")
+        self.ignore_index = int(ignore_index)
+
+    def __call__(
+        self, image: np.ndarray, mask: np.ndarray, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        img, msk = _to_tensors(image, mask, self.ignore_index)
+        # One fixed block of draws, so options never shift the other draws.
+        u = torch.rand(7, generator=generator, dtype=torch.float64).tolist()
+        lo, hi = self.scale_range
+        scale = lo + (hi - lo) * u[0]
+        h, w = msk.shape
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        if (nh, nw) != (h, w):
+            img = _resize_bilinear(img, nh, nw)
+            msk = _resize_nearest(msk, nh, nw)
+
+        ch, cw = self.crop_size
+        ph, pw = max(ch, nh), max(cw, nw)
+        if (ph, pw) != (nh, nw):
+            padded = self.mean.expand(3, ph, pw).clone()
+            padded[:, :nh, :nw] = img
+            img = padded
+            padded_mask = torch.full((ph, pw), self.ignore_index, dtype=torch.int64)
+            padded_mask[:nh, :nw] = msk
+            msk = padded_mask
+
+        y0 = min(int(u[1] * (ph - ch + 1)), ph - ch)
+        x0 = min(int(u[2] * (pw - cw + 1)), pw - cw)
+        img = img[:, y0 : y0 + ch, x0 : x0 + cw]
+        msk = msk[y0 : y0 + ch, x0 : x0 + cw]
+        if self.flip and u[3] < 0.5:
+            img = img.flip(-1)
+            msk = msk.flip(-1)
+
+        if self.jitter > 0:
+            j = self.jitter
+            brightness, contrast, saturation = (1.0 - j + 2.0 * j * v for v in u[4:7])
+            img = (img * brightness).clamp_(0.0, 1.0)
+            grey = img[0] * _GREY[0] + img[1] * _GREY[1] + img[2] * _GREY[2]
+            level = float(np.mean(grey.numpy(), dtype=np.float64))
+            img = ((img - level) * contrast + level).clamp_(0.0, 1.0)
+            grey = img[0] * _GREY[0] + img[1] * _GREY[1] + img[2] * _GREY[2]
+            img = ((img - grey) * saturation + grey).clamp_(0.0, 1.0)
+
+        img = (img - self.mean) / self.std
+        return img.contiguous(), msk.contiguous()
+
+
+class EvalTransform:
+    """Normalise only: image (3, H, W) float32 and mask (H, W) int64, no resizing."""
+
+    def __init__(
+        self,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        ignore_index: int = 255,
+    ) -> None:
+        self.mean = _stats(mean, "mean")
+        self.std = _stats(std, "std")
+        self.ignore_index = int(ignore_index)
+
+    def __call__(
+        self, image: np.ndarray, mask: np.ndarray, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        img, msk = _to_tensors(image, mask, self.ignore_index)
+        return ((img - self.mean) / self.std).contiguous(), msk
