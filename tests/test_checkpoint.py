@@ -45,7 +45,10 @@ def test_rotation_keeps_newest(tmp_path):
     for i in (5, 10, 15, 20):
         ckpt.atomic_save({"format_version": 1}, ckpt.checkpoint_path(tmp_path, i))
     ckpt.rotate(tmp_path, 2)
-    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["iter_0000015.pt", "iter_0000020.pt"]
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [
+        "iter_0000015.pt",
+        "iter_0000020.pt",
+    ]
 
 
 def test_foreign_file_is_refused(tmp_path):

@@ -12,7 +12,9 @@ def write(path: Path, text: str) -> Path:
 
 
 def test_defaults_and_overrides_are_typed():
-    cfg = load_config(None, ["train.iters=200", "data.crop_size=[64, 96]", "loss.contrast.enabled=true"])
+    cfg = load_config(
+        None, ["train.iters=200", "data.crop_size=[64, 96]", "loss.contrast.enabled=true"]
+    )
     assert cfg.train.iters == 200
     assert cfg.data.crop_size == (64, 96)
     assert cfg.loss.contrast.enabled is True

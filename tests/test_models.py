@@ -60,7 +60,9 @@ def test_local_weights_load_and_mismatch_lists_keys(tmp_path):
     model = build_model(small_cfg(), num_classes=3)
     state = model.backbone.body.state_dict()
     path = tmp_path / "w.pth"
-    torch.save({k: torch.full_like(v, 0.5) if v.is_floating_point() else v for k, v in state.items()}, path)
+    torch.save(
+        {k: torch.full_like(v, 0.5) if v.is_floating_point() else v for k, v in state.items()}, path
+    )
     fresh = build_model(small_cfg(), num_classes=3)
     load_backbone_weights(fresh.backbone, path)
     first = next(iter(fresh.backbone.body.state_dict().values()))
