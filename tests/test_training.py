@@ -97,3 +97,13 @@ def test_poly_lr_with_warmup():
     assert poly_lr(cfg, 5, 100) == pytest.approx(0.1 * (0.1 + 0.9 * 0.5))
     assert poly_lr(cfg, 10, 100) == pytest.approx(0.1 * 0.9**0.9)
     assert poly_lr(cfg, 99, 100) == pytest.approx(0.1 * 0.01**0.9)
+
+
+def test_bf16_autocast_training_on_cpu_stays_finite(tiny_cfg):
+    trainer = Trainer(tiny_cfg("train.amp=bf16", "train.iters=3"), progress=False)
+    loader = iter(trainer._loader())
+    before = trainer.model.head.classifier.weight.detach().clone()
+    for _ in range(3):
+        values = trainer.train_step(next(loader))
+        assert all(torch.isfinite(torch.tensor(v)) for v in values.values()), values
+    assert not torch.equal(before, trainer.model.head.classifier.weight)

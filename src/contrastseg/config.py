@@ -23,10 +23,18 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     """Where the images come from and how they are augmented."""
 
-    name: Literal["synthetic", "folder"] = "synthetic"
+    # synthetic: the embedded data set; folder: a user's folder (data/folder.py); the four
+    # benchmarks in their publishers' layouts under data.root (docs/datasets.md)
+    name: Literal[
+        "synthetic", "folder", "cityscapes", "pascal_context", "coco_stuff", "camvid"
+    ] = "synthetic"
     root: Path | None = None
     train_split: str = "train"
     val_split: str = "val"
+    # cityscapes only: labels from gtCoarse instead of gtFine (needed for split train_extra)
+    cityscapes_coarse: bool = False
+    # coco_stuff only: the 10k release (9k train / 1k test) or the 164k one (COCO 2017)
+    coco_split: Literal["10k", "164k"] = "10k"
     # synthetic only: the data set is a pure function of (seed, split, index)
     seed: int = 0
     train_size: int = Field(1000, ge=1)
@@ -44,8 +52,8 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
-        if self.name == "folder" and self.root is None:
-            raise ValueError("data.root is required when data.name is 'folder'")
+        if self.name != "synthetic" and self.root is None:
+            raise ValueError(f"data.root is required when data.name is {self.name!r}")
         if not 0 < self.scale_range[0] <= self.scale_range[1]:
             raise ValueError(
                 f"data.scale_range must satisfy 0 < min <= max, got {self.scale_range}"
@@ -58,23 +66,84 @@ class DataConfig(_Section):
 
 
 class BackboneConfig(_Section):
-    name: Literal["mobilenetv3_large", "resnet101"] = "mobilenetv3_large"
+    """The feature extractor (timm, random init unless ``pretrained`` or ``weights``).
+
+    ``resnet101_deep`` is the paper's D-ResNet-101 (deep stem of three 3x3 convolutions);
+    ``hrnetv2_*`` return their four branches at strides 4-32 and ignore dilation, so
+    ``output_stride`` must stay 8 for them. ``pretrained: true`` asks timm for ImageNet weights
+    (needs network); ``weights: PATH`` loads a local ``.pth``/``.safetensors`` file of timm's
+    layout; a key mismatch stops the run unless ``strict: false``.
+    """
+
+    name: Literal[
+        "mobilenetv3_large",
+        "mobilenetv2",
+        "mobilenetv1",
+        "resnet101",
+        "resnet101_deep",
+        "hrnetv2_w48",
+        "hrnetv2_w18_small",
+    ] = "mobilenetv3_large"
     output_stride: Literal[8, 16, 32] = 8
+    pretrained: bool = False
     weights: Path | None = None
     strict: bool = True
+
+    @property
+    def is_hrnet(self) -> bool:
+        return self.name.startswith("hrnet")
+
+    @model_validator(mode="after")
+    def _check(self) -> BackboneConfig:
+        if self.pretrained and self.weights is not None:
+            raise ValueError(
+                "model.backbone.pretrained and model.backbone.weights are exclusive: set one"
+            )
+        if self.is_hrnet and self.output_stride != 8:
+            raise ValueError(
+                f"model.backbone.output_stride = {self.output_stride}: {self.name} keeps its "
+                "native strides 4-32 (no dilation); leave output_stride at 8"
+            )
+        return self
 
 
 class ModelConfig(_Section):
     """Backbone + decode head (+ auxiliary head, + projection head in training)."""
 
     backbone: BackboneConfig = BackboneConfig()
-    head: Literal["deeplabv3"] = "deeplabv3"
-    head_channels: int = Field(256, ge=8)
+    # deeplabv3: ASPP on the last stage of a dilated backbone (+ FCN auxiliary head);
+    # hrnetv2: the four HRNet branches concatenated at stride 4 (no auxiliary head);
+    # ocr: object-contextual representations (its soft-object-region head is the auxiliary).
+    head: Literal["deeplabv3", "hrnetv2", "ocr"] = "deeplabv3"
+    head_channels: int = Field(256, ge=8)  # deeplabv3 only
     aspp_rates: tuple[int, int, int] = (12, 24, 36)
-    aux: bool = True
+    aux: bool = True  # the FCN auxiliary head of deeplabv3 (hrnetv2 has none; ocr always has one)
     aux_channels: int = Field(256, ge=8)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     projection_dim: int = Field(256, ge=2)
+    # OCR: pixel representation and augmented-representation channels, key channels of the
+    # pixel-region relation, and the soft-object-region head's channels (None: 512 on a dilated
+    # backbone, the channels of the branch concatenation on HRNet (720 for W48), as in the OCR
+    # code).
+    ocr_mid_channels: int = Field(512, ge=8)
+    ocr_key_channels: int = Field(256, ge=8)
+    ocr_aux_channels: int | None = Field(None, ge=8)
+    ocr_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        name = self.backbone.name
+        if self.head == "hrnetv2" and not self.backbone.is_hrnet:
+            raise ValueError(
+                f"model.head = 'hrnetv2' needs an HRNet backbone (model.backbone.name: "
+                f"hrnetv2_w48 or hrnetv2_w18_small), got model.backbone.name = {name!r}"
+            )
+        if self.head == "deeplabv3" and self.backbone.is_hrnet:
+            raise ValueError(
+                f"model.head = 'deeplabv3' needs a dilated backbone, got model.backbone.name = "
+                f"{name!r}; use model.head: hrnetv2 or ocr with HRNet"
+            )
+        return self
 
 
 class CrossEntropyConfig(_Section):
@@ -133,6 +202,9 @@ class TrainConfig(_Section):
     eval_every: int = Field(0, ge=0)
     deterministic: bool = False
     threads: int = Field(0, ge=0)
+    amp: Literal["off", "bf16", "fp16"] = "off"
+    channels_last: bool = False
+    compile: bool = False
 
 
 class EvalConfig(_Section):

@@ -86,6 +86,12 @@ class Trainer:
             momentum=cfg.optim.momentum,
             weight_decay=cfg.optim.weight_decay,
         )
+        amp = cfg.train.amp
+        self.amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
+        if cfg.train.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.forward = torch.compile(self.model) if cfg.train.compile else self.model
         self.iteration = 0
         if resume:
             self._resume()
@@ -106,6 +112,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "loss": self.loss_set.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -129,6 +136,8 @@ class Trainer:
             raise CheckpointError(f"{path}: does not fit the configured model: {err}") from err
         self.optimizer.load_state_dict(state["optimizer"])
         self.loss_set.load_state_dict(state["loss"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -163,12 +172,19 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         image = batch["image"].to(self.device, non_blocking=True)
+        if self.cfg.train.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
         target = batch["mask"].to(self.device, non_blocking=True)
-        outputs = self.model(image)
-        terms = self.loss_set(outputs, target, self.iteration, batch["index"].to(self.device))
+        with torch.autocast(
+            self.device.type, dtype=self.amp_dtype or torch.float32, enabled=bool(self.amp_dtype)
+        ):
+            outputs = self.forward(image)
+            # Each loss casts what it needs to float32 (CE) or runs outside autocast (contrast).
+            terms = self.loss_set(outputs, target, self.iteration, batch["index"].to(self.device))
         self.optimizer.zero_grad(set_to_none=True)
-        terms["total"].backward()
-        self.optimizer.step()
+        self.scaler.scale(terms["total"]).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.iteration += 1
         values = {k: float(v.detach()) for k, v in terms.items()}
         values["lr"] = lr
