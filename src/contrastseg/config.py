@@ -208,7 +208,27 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
+    """How validation images are inferred: whole or sliding window, at scales, with flip."""
+
     batch_size: int = Field(8, ge=1)
+    mode: Literal["whole", "slide"] = "whole"
+    crop_size: tuple[int, int] = (512, 1024)
+    stride: tuple[int, int] = (341, 682)
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> EvalConfig:
+        if not self.scales or min(self.scales) <= 0:
+            raise ValueError(f"eval.scales must be positive numbers, got {self.scales}")
+        if min(self.stride) < 1 or min(self.crop_size) < 1:
+            raise ValueError("eval.crop_size and eval.stride must be positive")
+        if any(s > c for s, c in zip(self.stride, self.crop_size, strict=True)):
+            raise ValueError(
+                f"eval.stride {self.stride} larger than eval.crop_size {self.crop_size} "
+                "would leave pixels uncovered"
+            )
+        return self
     figure_images: int = Field(4, ge=0)
 
 

@@ -53,7 +53,9 @@ def evaluate_checkpoint(
             f"{checkpoint}: trained on classes {state['class_names']}, but the data set "
             f"has {list(dataset.classes)}"
         )
-    metrics, _ = evaluate(model, dataset, device, cfg.eval.batch_size, cfg.data.num_workers)
+    metrics, _ = evaluate(
+        model, dataset, device, cfg.eval.batch_size, cfg.data.num_workers, mode=cfg.eval
+    )
     out = out or Path(checkpoint).resolve().parent.parent / "eval.json"
     write_eval_json(
         metrics,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from contrastseg.config import DataConfig
 from contrastseg.data import EvalTransform, SegmentationDataset, TrainTransform, build_source
+from contrastseg.data.check import PairedSource
 
 
 def source_kwargs(cfg: DataConfig, split: str) -> dict:
@@ -15,12 +16,27 @@ def source_kwargs(cfg: DataConfig, split: str) -> dict:
             "seed": cfg.seed,
             "difficulty": cfg.difficulty,
         }
+    if cfg.name == "cityscapes":
+        return {"root": cfg.root, "coarse": cfg.cityscapes_coarse}
+    if cfg.name == "coco_stuff":
+        return {"root": cfg.root, "variant": cfg.coco_split}
     return {"root": cfg.root}
+
+
+def preflight(source) -> None:
+    """Cheap checks before training on files: building a real data set's source already listed
+    every (image, label) pair and refused incomplete ones; here the first pair is decoded too,
+    so that a wrong layout (e.g. colour PNGs where label ids are expected) stops the run at once
+    with the file's name. A broken file met later raises ``DataError`` naming it as well.
+    ``contrastseg data check CONFIG`` reads every file."""
+    if isinstance(source, PairedSource) and len(source):
+        source[0]
 
 
 def build_train_dataset(cfg: DataConfig, seed: int) -> SegmentationDataset:
     """Training split with the random joint augmentation; ``(epoch, index)`` fixes the draw."""
     source = build_source(cfg.name, cfg.train_split, **source_kwargs(cfg, cfg.train_split))
+    preflight(source)
     transform = TrainTransform(
         crop_size=tuple(cfg.crop_size),
         scale_range=tuple(cfg.scale_range),

@@ -9,7 +9,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from contrastseg.config import EvalConfig
 from contrastseg.engine.metrics import ConfusionMatrix
+from contrastseg.engine.test_time import infer_probs
 from contrastseg.models import Segmentor
 
 
@@ -33,12 +35,15 @@ def evaluate(
     batch_size: int = 8,
     num_workers: int = 0,
     keep: int = 0,
+    mode: EvalConfig | None = None,
 ) -> tuple[dict, list[dict]]:
-    """Single-scale whole-image evaluation.
+    """Evaluation over a dataset; ``mode`` (default: single-scale whole image) chooses sliding
+    window, scales and flip.
 
     Returns the metrics (see :func:`metrics_from_confusion`) and, for the first ``keep`` images,
     ``{"index", "image" (3,H,W), "mask" (H,W), "pred" (H,W)}`` on the CPU for figures.
     """
+    mode = mode or EvalConfig()
     was_training = model.training
     model.eval()
     cm = ConfusionMatrix(dataset.num_classes, device)
@@ -56,7 +61,7 @@ def evaluate(
             groups = [(batch["image"], batch["mask"], batch["index"])]
         for image, mask, index in groups:
             image, mask = image.to(device), mask.to(device)
-            pred = model.predict_logits(image).argmax(1)
+            pred = infer_probs(model, image, mode).argmax(1)
             cm.update(pred, mask)
             for j in range(image.shape[0]):
                 if len(kept) < keep:

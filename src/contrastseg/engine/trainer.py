@@ -236,7 +236,13 @@ class Trainer:
         val = build_eval_dataset(cfg.data)
         keep = cfg.eval.figure_images if final else 0
         metrics, samples = evaluate(
-            self.model, val, self.device, cfg.eval.batch_size, cfg.data.num_workers, keep=keep
+            self.model,
+            val,
+            self.device,
+            cfg.eval.batch_size,
+            cfg.data.num_workers,
+            keep=keep,
+            mode=cfg.eval,
         )
         for key in ("mIoU", "pixel_acc", "mean_acc", "fwIoU"):
             writer.add_scalar(f"val/{key}", metrics[key], self.iteration)
