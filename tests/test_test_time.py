@@ -25,7 +25,7 @@ def test_window_starts_cover_the_image():
     for size, crop, stride in [(37, 8, 5), (64, 32, 21), (9, 3, 3)]:
         covered = set()
         for s in _starts(size, crop, stride):
-            assert 0 <= s and s + crop <= size
+            assert s >= 0 and s + crop <= size
             covered |= set(range(s, s + crop))
         assert covered == set(range(size))
 

@@ -18,6 +18,8 @@ app = typer.Typer(
 )
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print side-by-side ratios.")
 app.add_typer(bench_app, name="bench")
+data_app = typer.Typer(no_args_is_help=True, help="Data set integrity checks.")
+app.add_typer(data_app, name="data")
 
 Overrides = Annotated[
     list[str] | None,
@@ -79,6 +81,32 @@ def predict(
     typer.echo(f"wrote {len(written)} predictions to {out}")
 
 
+@app.command("models")
+def models_list(
+    classes: Annotated[int, typer.Option(help="Number of classes for the counts.")] = 19,
+) -> None:
+    """Every architecture (model.head x model.backbone.name) with its parameter count."""
+    from contrastseg.models.summary import format_models, list_models
+
+    typer.echo(format_models(list_models(classes)))
+
+
+@app.command()
+def summary(
+    config: Annotated[Path, typer.Argument(help="Experiment YAML file (its model section).")],
+    height: Annotated[int, typer.Option(help="Input height for the FLOPs.")] = 1024,
+    width: Annotated[int, typer.Option(help="Input width for the FLOPs.")] = 2048,
+    classes: Annotated[int, typer.Option(help="Number of classes.")] = 19,
+    overrides: Overrides = None,
+) -> None:
+    """Parameters and FLOPs of the inference and of the training model of a config."""
+    from contrastseg import load_config
+    from contrastseg.models.summary import format_summary, summarize
+
+    cfg = load_config(config, overrides or [])
+    typer.echo(format_summary(summarize(cfg.model, classes, (height, width))))
+
+
 @bench_app.command("loss")
 def bench_loss(
     batch: Annotated[list[int] | None, typer.Option(help="Batch sizes.")] = None,
@@ -114,11 +142,66 @@ def bench_step(
     typer.echo(format_step_benchmark(row))
 
 
+@data_app.command("check")
+def data_check(
+    config: Annotated[Path, typer.Argument(help="Experiment YAML file (its data section).")],
+    split: Annotated[
+        list[str] | None,
+        typer.Option(help="Split to scan (repeatable; default: data.train_split and val_split)."),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Check only the first N samples.")] = None,
+    workers: Annotated[int, typer.Option(help="Threads decoding files in parallel.")] = 4,
+    overrides: Overrides = None,
+) -> None:
+    """Read every image/label pair of a split: missing pairs, unreadable or truncated files,
+    wrong channels, size mismatches, label ids outside the classes; class frequencies.
+    Exits with status 1 when anything is wrong."""
+    from contrastseg import load_config
+    from contrastseg.data.check import check_split, format_report
+
+    cfg = load_config(config, overrides or [])
+    splits = split or list(dict.fromkeys([cfg.data.train_split, cfg.data.val_split]))
+    broken = False
+    for name in splits:
+        report = check_split(cfg, name, limit=limit, workers=workers)
+        typer.echo(format_report(report))
+        broken = broken or not report.ok
+    if broken:
+        raise typer.Exit(1)
+
+
+@bench_app.command("data")
+def bench_data(
+    images: Annotated[int, typer.Option(help="Number of synthetic images to decode.")] = 8,
+    workers: Annotated[
+        list[int] | None, typer.Option(help="DataLoader worker counts (repeatable).")
+    ] = None,
+    height: Annotated[int, typer.Option(help="Image height.")] = 1024,
+    width: Annotated[int, typer.Option(help="Image width.")] = 2048,
+    crop_height: Annotated[int, typer.Option(help="Crop height.")] = 512,
+    crop_width: Annotated[int, typer.Option(help="Crop width.")] = 1024,
+    repeats: Annotated[int, typer.Option(help="Passes over the images per worker count.")] = 1,
+) -> None:
+    """Images/s of decode + augment at Cityscapes size, in one process and with N workers."""
+    from contrastseg.benchmarks.data_loading import format_data_benchmark, run_data_benchmark
+
+    result = run_data_benchmark(
+        num_images=images,
+        workers=tuple(workers) if workers else (0, 2),
+        size=(height, width),
+        crop=(crop_height, crop_width),
+        repeats=repeats,
+    )
+    typer.echo(format_data_benchmark(result))
+
+
 def main() -> None:
     """Entry point: turns contrastseg's own errors into a one-line message and exit code 2."""
     _setup_logging()
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # a command's typer.Exit(n) comes back as n here
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except ContrastSegError as err:
         typer.secho(f"error: {err}", fg="red", err=True)
         sys.exit(2)

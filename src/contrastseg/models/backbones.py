@@ -1,7 +1,12 @@
-"""timm backbones that return a list of feature maps, dilated to a given output stride."""
+"""timm backbones that return a list of feature maps.
+
+Dilated backbones (ResNet, MobileNets) are dilated to ``output_stride``; HRNetV2 backbones return
+their four raw branches (strides 4, 8, 16, 32), not timm's classification ("incre") features.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
@@ -10,35 +15,109 @@ from torch import nn
 
 from contrastseg.errors import CheckpointError, ConfigError
 
-# Our name -> timm model name. More backbones join this table as they are added.
-TIMM_NAMES = {
-    "mobilenetv3_large": "mobilenetv3_large_100",
-    "resnet101": "resnet101",
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How one of our backbone names maps onto timm.
+
+    ``head_prefixes``: state-dict prefixes of timm's classification head, which a feature
+    extractor lacks; they are dropped when a classification checkpoint is loaded.
+    """
+
+    timm_name: str
+    hrnet: bool
+    head_prefixes: tuple[str, ...]
+    description: str
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "mobilenetv1": BackboneSpec(
+        "mobilenetv1_100", False, ("classifier.",), "MobileNet V1 (width 1.0), dilated"
+    ),
+    "mobilenetv2": BackboneSpec(
+        "mobilenetv2_100",
+        False,
+        ("conv_head.", "bn2.", "classifier."),
+        "MobileNet V2 (width 1.0), dilated",
+    ),
+    "mobilenetv3_large": BackboneSpec(
+        "mobilenetv3_large_100",
+        False,
+        ("conv_head.", "classifier."),
+        "MobileNet V3-Large (width 1.0), dilated",
+    ),
+    "resnet101": BackboneSpec(
+        "resnet101", False, ("fc.",), "ResNet-101, 7x7 stem (torchvision layout), dilated"
+    ),
+    "resnet101_deep": BackboneSpec(
+        "resnet101s",
+        False,
+        ("fc.",),
+        "D-ResNet-101: deep stem of three 3x3 convs (64-64-128, no avg-down), dilated",
+    ),
+    "hrnetv2_w48": BackboneSpec(
+        "hrnet_w48",
+        True,
+        ("incre_modules.", "downsamp_modules.", "final_layer.", "classifier."),
+        "HRNetV2-W48, four branches 48/96/192/384 at strides 4-32",
+    ),
+    "hrnetv2_w18_small": BackboneSpec(
+        "hrnet_w18_small",
+        True,
+        ("incre_modules.", "downsamp_modules.", "final_layer.", "classifier."),
+        "HRNetV2-W18-Small (v1), four branches 16/32/64/128 at strides 4-32",
+    ),
 }
+
+# Our name -> timm model name.
+TIMM_NAMES = {name: spec.timm_name for name, spec in BACKBONES.items()}
 
 
 class TimmBackbone(nn.Module):
     """A timm feature extractor.
 
     ``forward(x: (B, 3, H, W)) -> list[(B, C_i, H / s_i, W / s_i)]`` with ``channels[i]`` and
-    ``strides[i]``; the stride of the last map is ``output_stride``. ``aux_index`` is the map the
-    auxiliary head reads (the stage before the last) and ``out_index`` the last one.
+    ``strides[i]``. For dilated backbones the stride of the last map is ``output_stride``; for
+    HRNet the list is the four branches (strides 4, 8, 16, 32) and ``output_stride`` is unused.
+    ``aux_index`` is the map the auxiliary FCN head reads (the stage before the last) and
+    ``out_index`` the last one.
     """
 
-    def __init__(self, name: str, output_stride: int = 8) -> None:
+    def __init__(self, name: str, output_stride: int = 8, pretrained: bool = False) -> None:
         super().__init__()
-        if name not in TIMM_NAMES:
+        if name not in BACKBONES:
             raise ConfigError(
-                f"model.backbone.name = {name!r}: allowed values are {sorted(TIMM_NAMES)}"
+                f"model.backbone.name = {name!r}: allowed values are {sorted(BACKBONES)}"
             )
+        spec = BACKBONES[name]
         self.name = name
-        self.body = timm.create_model(
-            TIMM_NAMES[name], features_only=True, output_stride=output_stride, pretrained=False
-        )
+        self.spec = spec
+        self.is_hrnet = spec.hrnet
+        if spec.hrnet:
+            # feature_location="" returns the raw branches; index 0 (the stem) is left out.
+            kwargs = {"feature_location": "", "out_indices": (1, 2, 3, 4)}
+        else:
+            kwargs = {"output_stride": output_stride}
+        try:
+            self.body = timm.create_model(
+                spec.timm_name, features_only=True, pretrained=pretrained, **kwargs
+            )
+        except Exception as err:  # noqa: BLE001 - no network, missing cache, hub errors
+            if not pretrained:
+                raise
+            raise CheckpointError(
+                f"model.backbone.pretrained: cannot get timm's ImageNet weights of "
+                f"{spec.timm_name!r} ({type(err).__name__}: {err}). Download them where there "
+                "is network (e.g. timm.create_model(name, pretrained=True) and save its "
+                "state_dict, or the model's .safetensors file), then set "
+                "model.backbone.pretrained: false and model.backbone.weights: PATH"
+            ) from err
         self.channels: list[int] = list(self.body.feature_info.channels())
-        self.strides: list[int] = [
-            min(r, output_stride) for r in self.body.feature_info.reduction()
-        ]
+        reductions = list(self.body.feature_info.reduction())
+        if spec.hrnet:
+            self.strides = reductions
+        else:
+            self.strides = [min(r, output_stride) for r in reductions]
         self.out_index = len(self.channels) - 1
         self.aux_index = len(self.channels) - 2
 
@@ -49,8 +128,9 @@ class TimmBackbone(nn.Module):
 def load_backbone_weights(backbone: TimmBackbone, path: Path, strict: bool = True) -> None:
     """Load a local ``.pth``/``.pt`` or ``.safetensors`` file of timm (classification) weights.
 
-    Keys of the classifier (absent from a feature extractor) are dropped. With ``strict`` any
-    other missing or unexpected key is an error that lists them.
+    Keys of timm's classification head (absent from a feature extractor, e.g. ``fc.`` of ResNet,
+    ``incre_modules.`` of HRNet) are dropped. With ``strict`` any other missing or unexpected
+    key is an error that lists them.
     """
     path = Path(path)
     if not path.is_file():
@@ -67,14 +147,22 @@ def load_backbone_weights(backbone: TimmBackbone, path: Path, strict: bool = Tru
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     own = backbone.body.state_dict()
-    state = {k: v for k, v in state.items() if k in own or not k.startswith(("fc.", "classifier."))}
+    head = backbone.spec.head_prefixes
+    state = {k: v for k, v in state.items() if k in own or not k.startswith(head)}
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    if strict and (missing or unexpected):
+    wrong_shape = sorted(
+        k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape)
+    )
+    if strict and (missing or unexpected or wrong_shape):
+        shapes = f"; keys of another shape: {wrong_shape[:20]}" if wrong_shape else ""
         raise CheckpointError(
             f"{path}: does not match backbone {backbone.name!r}; missing keys: {missing[:20]}"
             f"{' ...' if len(missing) > 20 else ''}; unexpected keys: {unexpected[:20]}"
-            f"{' ...' if len(unexpected) > 20 else ''}. Set model.backbone.strict: false to load "
-            "what matches."
+            f"{' ...' if len(unexpected) > 20 else ''}{shapes}. Set model.backbone.strict: false "
+            "to load what matches."
         )
-    backbone.body.load_state_dict(state, strict=False)
+    skip = set(wrong_shape)
+    backbone.body.load_state_dict(
+        {k: v for k, v in state.items() if k not in skip}, strict=False
+    )

@@ -1,4 +1,9 @@
-"""Decode heads: DeepLabV3 (ASPP) and the auxiliary FCN head."""
+"""Decode heads: DeepLabV3 (ASPP), HRNetV2, and the auxiliary FCN head.
+
+A decode head maps the backbone's list of feature maps to a dict: ``seg`` (logits at the head's
+stride), ``features`` (the map the decode head reads, which the projection head of pixel contrast
+reads too) and, for heads whose auxiliary output is part of the decoding (OCR), ``aux``.
+"""
 
 from __future__ import annotations
 
@@ -46,7 +51,8 @@ class ASPP(nn.Module):
 class DeepLabV3Head(nn.Module):
     """DeepLabV3 decode head: ASPP -> 3x3 conv-BN-ReLU -> dropout -> 1x1 classifier.
 
-    ``forward(x: (B, C_in, h, w)) -> (B, num_classes, h, w)``.
+    ``forward(feats) -> {"seg": (B, num_classes, h, w), "features": feats[in_index]}``; it reads
+    the map ``feats[in_index]`` (B, C_in, h, w), the last stage of a dilated backbone.
     """
 
     def __init__(
@@ -56,15 +62,47 @@ class DeepLabV3Head(nn.Module):
         channels: int = 256,
         rates: tuple[int, ...] = (12, 24, 36),
         dropout: float = 0.1,
+        in_index: int = -1,
     ) -> None:
         super().__init__()
+        self.in_index = in_index
         self.aspp = ASPP(in_channels, channels, rates)
         self.bottleneck = conv_bn_relu(channels, channels, 3)
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(channels, num_classes, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.dropout(self.bottleneck(self.aspp(x))))
+    def forward(self, feats: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        x = feats[self.in_index]
+        return {"seg": self.classifier(self.dropout(self.bottleneck(self.aspp(x)))), "features": x}
+
+
+def concat_branches(feats: list[torch.Tensor]) -> torch.Tensor:
+    """HRNetV2 representation: every branch bilinearly upsampled to the first (stride 4) and
+    concatenated, ``[(B, C_i, h_i, w_i)] -> (B, sum C_i, h_0, w_0)`` (720 channels for W48)."""
+    size = feats[0].shape[-2:]
+    ups = [feats[0]] + [
+        F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in feats[1:]
+    ]
+    return torch.cat(ups, dim=1)
+
+
+class HRNetV2Head(nn.Module):
+    """HRNetV2 decode head: branches concatenated at stride 4 -> 1x1 conv-BN-ReLU (same width)
+    -> 1x1 classifier.
+
+    ``forward(feats: four HRNet branches) -> {"seg": (B, num_classes, H/4, W/4),
+    "features": the concatenation (B, sum C_i, H/4, W/4)}``.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.block = conv_bn_relu(in_channels, in_channels, 1)
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.classifier = nn.Conv2d(in_channels, num_classes, 1)
+
+    def forward(self, feats: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        x = concat_branches(feats)
+        return {"seg": self.classifier(self.dropout(self.block(x))), "features": x}
 
 
 class FCNHead(nn.Module):
