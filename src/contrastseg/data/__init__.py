@@ -14,7 +14,11 @@ from contrastseg.data.check import (
     check_split,
     format_report,
 )
-from contrastseg.data.cityscapes import CityscapesDataset, export_cityscapes_predictions
+from contrastseg.data.cityscapes import (
+    CityscapesDataset,
+    evaluate_with_cityscapesscripts,
+    export_cityscapes_predictions,
+)
 from contrastseg.data.coco_stuff import CocoStuffDataset, load_mat_array
 from contrastseg.data.dataset import SOURCE_NAMES, SegmentationDataset, build_source, sample_seed
 from contrastseg.data.folder import FolderDataset, load_image, load_mask
@@ -56,6 +60,7 @@ __all__ = [
     "colorize",
     "default_palette",
     "denormalize",
+    "evaluate_with_cityscapesscripts",
     "export_cityscapes_predictions",
     "format_report",
     "load_image",

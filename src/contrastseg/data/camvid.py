@@ -1,0 +1,93 @@
+"""CamVid, 11 classes, in the common layout (the SegNet tutorial's release).
+
+Layout::
+
+    root/train/<name>.png       root/trainannot/<name>.png      367 images
+    root/val/<name>.png         root/valannot/<name>.png        101 images
+    root/test/<name>.png        root/testannot/<name>.png       233 images
+
+Images are 480x360 RGB; an ``annot`` PNG has the image's name and one value per pixel:
+0..10 for the 11 classes below, 11 for void (unlabelled), which becomes 255 = ignore (255 in a
+file is read as ignore too). Other values raise ``DataError``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from contrastseg.data.check import IGNORE_INDEX, PairedSource, index_files, label_table, pair_files
+from contrastseg.errors import DataError
+
+CAMVID_CLASSES: tuple[str, ...] = (
+    "sky",
+    "building",
+    "pole",
+    "road",
+    "pavement",
+    "tree",
+    "sign_symbol",
+    "fence",
+    "car",
+    "pedestrian",
+    "bicyclist",
+)
+#: The colours of these classes in the original CamVid label images.
+CAMVID_PALETTE = np.array(
+    [
+        (128, 128, 128),
+        (128, 0, 0),
+        (192, 192, 128),
+        (128, 64, 128),
+        (0, 0, 192),
+        (128, 128, 0),
+        (192, 128, 128),
+        (64, 64, 128),
+        (64, 0, 128),
+        (64, 64, 0),
+        (0, 128, 192),
+    ],
+    dtype=np.uint8,
+)
+VOID_ID = 11
+SPLITS = ("train", "val", "test")
+
+
+def camvid_label_table() -> np.ndarray:
+    """PNG value -> train id: 0..10 -> themselves, 11 (void) and 255 -> 255."""
+    mapping = {k: k for k in range(len(CAMVID_CLASSES))}
+    mapping.update({VOID_ID: IGNORE_INDEX, IGNORE_INDEX: IGNORE_INDEX})
+    return label_table(mapping)
+
+
+class CamVidDataset(PairedSource):
+    """One split of CamVid-11 (see the module docstring for the layout)."""
+
+    dataset = "camvid"
+    label_ids = "0..10 (the classes), 11 (void) and 255"
+
+    def __init__(self, root: Path, split: str, strict: bool = True) -> None:
+        root = Path(root)
+        if not root.is_dir():
+            raise DataError(f"CamVid root {root} does not exist or is not a directory")
+        if split not in SPLITS:
+            raise DataError(f"CamVid has no split {split!r}; choose one of {list(SPLITS)}")
+        self.root, self.split = root, split
+        self.classes = list(CAMVID_CLASSES)
+        self.palette = CAMVID_PALETTE.copy()
+        self.label_table = camvid_label_table()
+        image_dir, label_dir = root / split, root / f"{split}annot"
+        for directory in (image_dir, label_dir):
+            if not directory.is_dir():
+                raise DataError(f"{directory} is missing; see docs/datasets.md (CamVid)")
+        self._set_pairs(
+            *pair_files(
+                f"CamVid {split}",
+                index_files(image_dir, ".png"),
+                index_files(label_dir, ".png"),
+                lambda n: image_dir / f"{n}.png",
+                lambda n: label_dir / f"{n}.png",
+                strict=bool(strict),
+            )
+        )
