@@ -56,15 +56,19 @@ def _source_coords(size_in: int, size_out: int) -> torch.Tensor:
     return (torch.arange(size_out, dtype=torch.float64) + 0.5) * scale - 0.5
 
 
-def _resize_bilinear(img: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Bilinear resize of (3, H, W), half-pixel centres (``align_corners=False``).
+def _resize_bilinear(
+    img: torch.Tensor, h: int, w: int, window: tuple[slice, slice] | None = None
+) -> torch.Tensor:
+    """Bilinear resize of (3, H, W) to (h, w), half-pixel centres (``align_corners=False``).
 
-    Built from gathers and element-wise ops only, so the result does not depend on the
-    number of torch threads (``F.interpolate`` does, in the last bit).
+    With ``window = (rows, cols)`` only those output pixels are computed (the same values as
+    slicing the full result). Built from gathers and element-wise ops only, so the result does
+    not depend on the number of torch threads (``F.interpolate`` does, in the last bit).
     """
-    for dim, size in ((1, h), (2, w)):
+    rows, cols = window or (slice(None), slice(None))
+    for dim, size, part in ((1, h, rows), (2, w, cols)):
         n = img.shape[dim]
-        src = _source_coords(n, size).clamp_(min=0.0)
+        src = _source_coords(n, size)[part].clamp_(min=0.0)
         i0 = src.floor().long().clamp_(max=n - 1)
         i1 = (i0 + 1).clamp_(max=n - 1)
         frac = (src - i0).to(torch.float32)
@@ -74,11 +78,14 @@ def _resize_bilinear(img: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return img
 
 
-def _resize_nearest(mask: torch.Tensor, h: int, w: int) -> torch.Tensor:
+def _resize_nearest(
+    mask: torch.Tensor, h: int, w: int, window: tuple[slice, slice] | None = None
+) -> torch.Tensor:
     """Nearest resize of (H, W) sampling at pixel centres, aligned with ``_resize_bilinear``."""
-    rows = (_source_coords(mask.shape[0], h) + 0.5).floor().long().clamp_(0, mask.shape[0] - 1)
-    cols = (_source_coords(mask.shape[1], w) + 0.5).floor().long().clamp_(0, mask.shape[1] - 1)
-    return mask.index_select(0, rows).index_select(1, cols)
+    rows, cols = window or (slice(None), slice(None))
+    r = (_source_coords(mask.shape[0], h)[rows] + 0.5).floor().long().clamp_(0, mask.shape[0] - 1)
+    c = (_source_coords(mask.shape[1], w)[cols] + 0.5).floor().long().clamp_(0, mask.shape[1] - 1)
+    return mask.index_select(0, r).index_select(1, c)
 
 
 def normalize(image: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
@@ -149,24 +156,26 @@ class TrainTransform:
         scale = lo + (hi - lo) * u[0]
         h, w = msk.shape
         nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-        if (nh, nw) != (h, w):
-            img = _resize_bilinear(img, nh, nw)
-            msk = _resize_nearest(msk, nh, nw)
-
         ch, cw = self.crop_size
-        ph, pw = max(ch, nh), max(cw, nw)
-        if (ph, pw) != (nh, nw):
-            padded = self.mean.expand(3, ph, pw).clone()
-            padded[:, :nh, :nw] = img
-            img = padded
-            padded_mask = torch.full((ph, pw), self.ignore_index, dtype=torch.int64)
-            padded_mask[:nh, :nw] = msk
-            msk = padded_mask
-
+        ph, pw = max(ch, nh), max(cw, nw)  # the scaled image padded to at least the crop
         y0 = min(int(u[1] * (ph - ch + 1)), ph - ch)
         x0 = min(int(u[2] * (pw - cw + 1)), pw - cw)
-        img = img[:, y0 : y0 + ch, x0 : x0 + cw]
-        msk = msk[y0 : y0 + ch, x0 : x0 + cw]
+        # Resize only the part of the scaled image that the crop keeps: the same pixels as
+        # resizing everything and cropping afterwards, at a fraction of the cost.
+        window = (slice(y0, min(y0 + ch, nh)), slice(x0, min(x0 + cw, nw)))
+        if (nh, nw) != (h, w):
+            img = _resize_bilinear(img, nh, nw, window)
+            msk = _resize_nearest(msk, nh, nw, window)
+        else:
+            img, msk = img[:, window[0], window[1]], msk[window[0], window[1]]
+        vh, vw = msk.shape
+        if (vh, vw) != (ch, cw):  # the crop reaches into the padding (bottom and right)
+            padded = self.mean.expand(3, ch, cw).clone()
+            padded[:, :vh, :vw] = img
+            img = padded
+            padded_mask = torch.full((ch, cw), self.ignore_index, dtype=torch.int64)
+            padded_mask[:vh, :vw] = msk
+            msk = padded_mask
         if self.flip and u[3] < 0.5:
             img = img.flip(-1)
             msk = msk.flip(-1)
