@@ -25,9 +25,9 @@ class DataConfig(_Section):
 
     # synthetic: the embedded data set; folder: a user's folder (data/folder.py); the four
     # benchmarks in their publishers' layouts under data.root (docs/datasets.md)
-    name: Literal[
-        "synthetic", "folder", "cityscapes", "pascal_context", "coco_stuff", "camvid"
-    ] = "synthetic"
+    name: Literal["synthetic", "folder", "cityscapes", "pascal_context", "coco_stuff", "camvid"] = (
+        "synthetic"
+    )
     root: Path | None = None
     train_split: str = "train"
     val_split: str = "val"
@@ -203,6 +203,7 @@ class TrainConfig(_Section):
     deterministic: bool = False
     threads: int = Field(0, ge=0)
     amp: Literal["off", "bf16", "fp16"] = "off"
+    sync_bn: bool = True  # SyncBatchNorm under DDP
     channels_last: bool = False
     compile: bool = False
 
@@ -229,6 +230,7 @@ class EvalConfig(_Section):
                 "would leave pixels uncovered"
             )
         return self
+
     figure_images: int = Field(4, ge=0)
 
 

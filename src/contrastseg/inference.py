@@ -27,7 +27,7 @@ def load_trained_model(
     state = load_checkpoint(Path(path))
     cfg = ExperimentConfig.model_validate(state["config"])
     num_classes = len(state["class_names"])
-    model = build_model(cfg.model, num_classes, with_projection=False)
+    model = build_model(cfg.model, num_classes, with_projection=False, backbone_weights=False)
     weights = {k: v for k, v in state["model"].items() if not k.startswith("projection.")}
     try:
         model.load_state_dict(weights)

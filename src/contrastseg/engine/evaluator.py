@@ -7,9 +7,10 @@ import math
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from contrastseg.config import EvalConfig
+from contrastseg.engine.distributed import all_reduce_sum
 from contrastseg.engine.metrics import ConfusionMatrix
 from contrastseg.engine.test_time import infer_probs
 from contrastseg.models import Segmentor
@@ -36,20 +37,26 @@ def evaluate(
     num_workers: int = 0,
     keep: int = 0,
     mode: EvalConfig | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> tuple[dict, list[dict]]:
     """Evaluation over a dataset; ``mode`` (default: single-scale whole image) chooses sliding
     window, scales and flip.
 
     Returns the metrics (see :func:`metrics_from_confusion`) and, for the first ``keep`` images,
     ``{"index", "image" (3,H,W), "mask" (H,W), "pred" (H,W)}`` on the CPU for figures.
+    With ``world_size > 1`` process ``rank`` evaluates images ``rank, rank + world_size, ...``
+    (no padding, so every image counts exactly once) and the confusion matrices are summed.
     """
     mode = mode or EvalConfig()
+    dtype = next(model.parameters()).dtype
     was_training = model.training
     model.eval()
     cm = ConfusionMatrix(dataset.num_classes, device)
     kept: list[dict] = []
+    share = dataset if world_size == 1 else Subset(dataset, range(rank, len(dataset), world_size))
     loader = DataLoader(
-        dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_eval
+        share, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_eval
     )
     for batch in loader:
         if "list" in batch:
@@ -60,7 +67,7 @@ def evaluate(
         else:
             groups = [(batch["image"], batch["mask"], batch["index"])]
         for image, mask, index in groups:
-            image, mask = image.to(device), mask.to(device)
+            image, mask = image.to(device, dtype=dtype), mask.to(device)
             pred = infer_probs(model, image, mode).argmax(1)
             cm.update(pred, mask)
             for j in range(image.shape[0]):
@@ -74,6 +81,7 @@ def evaluate(
                         }
                     )
     model.train(was_training)
+    all_reduce_sum(cm.mat)
     metrics = cm.compute()
     metrics["confusion"] = cm.mat.cpu().tolist()
     return metrics, kept

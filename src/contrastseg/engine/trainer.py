@@ -10,18 +10,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 from contrastseg.config import ExperimentConfig, OptimConfig, save_config
 from contrastseg.engine import checkpoint as ckpt
 from contrastseg.engine.builders import build_eval_dataset, build_train_dataset
+from contrastseg.engine.distributed import (
+    convert_sync_batchnorm,
+    init_distributed,
+    mean_over_processes,
+)
 from contrastseg.engine.evaluator import evaluate, format_table, write_eval_json
+from contrastseg.engine.progress import TrainProgress
 from contrastseg.engine.runtime import environment_info, resolve_device, seed_everything
 from contrastseg.engine.sampling import EpochIndexed, IterationBatchSampler
 from contrastseg.errors import CheckpointError
 from contrastseg.losses import LossSet
 from contrastseg.models import build_model
+from contrastseg.viz.figures import save_prediction_figure
 
 log = logging.getLogger("contrastseg")
 
@@ -65,14 +73,20 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         seed_everything(cfg.train.seed, cfg.train.deterministic)
         self.device = resolve_device(cfg.train.device)
+        self.dist = init_distributed(self.device.type)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
 
         self.train_set = build_train_dataset(cfg.data, seed=cfg.train.seed)
         self.num_classes = self.train_set.num_classes
         self.class_names = list(self.train_set.classes)
         contrast = cfg.loss.contrast.enabled
-        self.model = build_model(cfg.model, self.num_classes, with_projection=contrast).to(
-            self.device
+        model = build_model(
+            cfg.model, self.num_classes, with_projection=contrast, backbone_weights=not resume
         )
+        if self.dist.enabled and cfg.train.sync_bn:
+            model = convert_sync_batchnorm(model, self.device.type)
+        self.model = model.to(self.device)
         self.loss_set = LossSet(
             cfg.loss,
             self.num_classes,
@@ -91,7 +105,11 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
         if cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.forward = torch.compile(self.model) if cfg.train.compile else self.model
+        forward = self.model
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            forward = DistributedDataParallel(self.model, device_ids=ids)
+        self.forward = torch.compile(forward) if cfg.train.compile else forward
         self.iteration = 0
         if resume:
             self._resume()
@@ -145,16 +163,24 @@ class Trainer:
         log.info("resumed from %s at iteration %d", path, self.iteration)
 
     def save_checkpoint(self) -> Path:
+        """Write this iteration's checkpoint (rank 0 only) and keep the newest few."""
         path = ckpt.checkpoint_path(self.ckpt_dir, self.iteration)
-        ckpt.atomic_save(self.state_dict(), path)
-        ckpt.rotate(self.ckpt_dir, self.cfg.train.keep_checkpoints)
+        if self.dist.is_main:
+            ckpt.atomic_save(self.state_dict(), path)
+            ckpt.rotate(self.ckpt_dir, self.cfg.train.keep_checkpoints)
         return path
 
     # --- training --------------------------------------------------------------------------
     def _loader(self) -> DataLoader:
         t = self.cfg.train
         sampler = IterationBatchSampler(
-            len(self.train_set), t.batch_size, t.iters, seed=t.seed, start=self.iteration
+            len(self.train_set),
+            t.batch_size,
+            t.iters,
+            seed=t.seed,
+            start=self.iteration,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
         )
         return DataLoader(
             EpochIndexed(self.train_set),
@@ -171,7 +197,8 @@ class Trainer:
         lr = poly_lr(self.cfg.optim, self.iteration, self.cfg.train.iters)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        image = batch["image"].to(self.device, non_blocking=True)
+        dtype = next(self.model.parameters()).dtype  # float32, or float64 in exactness tests
+        image = batch["image"].to(self.device, dtype=dtype, non_blocking=True)
         if self.cfg.train.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
         target = batch["mask"].to(self.device, non_blocking=True)
@@ -191,33 +218,36 @@ class Trainer:
         return values
 
     def fit(self) -> TrainResult:
+        """Train to ``train.iters``, checkpoint, evaluate; only rank 0 writes files."""
         cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.run_dir / "config.yaml")
-        (self.run_dir / "environment.json").write_text(
-            json.dumps(environment_info(self.device), indent=2)
-        )
-        writer = SummaryWriter(str(self.run_dir / "tensorboard"))
-        metrics_file = (self.run_dir / "metrics.jsonl").open("a")
+        main = self.dist.is_main
+        writer = metrics_file = None
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+            (self.run_dir / "environment.json").write_text(
+                json.dumps(environment_info(self.device), indent=2)
+            )
+            writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+            metrics_file = open_metrics_log(self.run_dir / "metrics.jsonl", self.iteration)
         self.model.train()
         total = cfg.train.iters
         start_iter = self.iteration
         t_last, it_last = time.perf_counter(), self.iteration
-        from contrastseg.engine.progress import TrainProgress
-
-        with TrainProgress(total, self.iteration, enabled=self.progress) as bar:
+        with TrainProgress(total, self.iteration, enabled=self.progress and main) as bar:
             for batch in self._loader():
                 values = self.train_step(batch)
                 bar.advance(values)
                 if self.iteration % cfg.train.log_every == 0 or self.iteration == total:
+                    values = mean_over_processes(values, self.device)
                     now = time.perf_counter()
                     values["s_per_iter"] = (now - t_last) / max(1, self.iteration - it_last)
                     t_last, it_last = now, self.iteration
-                    record = {"iter": self.iteration, **values}
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
-                    for k, v in values.items():
-                        writer.add_scalar(f"train/{k}", v, self.iteration)
+                    if main:
+                        metrics_file.write(json.dumps({"iter": self.iteration, **values}) + "\n")
+                        metrics_file.flush()
+                        for k, v in values.items():
+                            writer.add_scalar(f"train/{k}", v, self.iteration)
                     if not all(math.isfinite(v) for v in values.values()):
                         log.warning("non-finite value at iteration %d: %s", self.iteration, values)
                 if self.iteration % cfg.train.checkpoint_every == 0 and self.iteration < total:
@@ -227,14 +257,16 @@ class Trainer:
         if self.iteration > start_iter or not ckpt.list_checkpoints(self.ckpt_dir):
             self.save_checkpoint()
         metrics = self._evaluate(writer, final=True)
-        writer.close()
-        metrics_file.close()
+        if main:
+            writer.close()
+            metrics_file.close()
         return TrainResult(self.run_dir, self.iteration, metrics)
 
-    def _evaluate(self, writer: SummaryWriter, final: bool) -> dict:
+    def _evaluate(self, writer: SummaryWriter | None, final: bool) -> dict:
+        """Evaluate on the val split (each process a disjoint share under DDP)."""
         cfg = self.cfg
         val = build_eval_dataset(cfg.data)
-        keep = cfg.eval.figure_images if final else 0
+        keep = cfg.eval.figure_images if final and self.dist.is_main else 0
         metrics, samples = evaluate(
             self.model,
             val,
@@ -243,27 +275,42 @@ class Trainer:
             cfg.data.num_workers,
             keep=keep,
             mode=cfg.eval,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
         )
+        if not self.dist.is_main:
+            return metrics
         for key in ("mIoU", "pixel_acc", "mean_acc", "fwIoU"):
             writer.add_scalar(f"val/{key}", metrics[key], self.iteration)
-        if final:
-            write_eval_json(
-                metrics, self.class_names, self.run_dir / "eval.json", iteration=self.iteration
-            )
-            print(format_table(metrics, self.class_names))
-            if samples:
-                from contrastseg.viz.figures import save_prediction_figure
-
-                save_prediction_figure(
-                    samples,
-                    val.palette,
-                    self.run_dir / "figures" / "val_predictions.png",
-                    mean=cfg.data.mean,
-                    std=cfg.data.std,
-                )
-        else:
+        if not final:
             log.info("iteration %d: val mIoU %.2f%%", self.iteration, 100 * metrics["mIoU"])
+            return metrics
+        write_eval_json(
+            metrics, self.class_names, self.run_dir / "eval.json", iteration=self.iteration
+        )
+        print(format_table(metrics, self.class_names))
+        if samples:
+            save_prediction_figure(
+                samples,
+                val.palette,
+                self.run_dir / "figures" / "val_predictions.png",
+                mean=cfg.data.mean,
+                std=cfg.data.std,
+            )
         return metrics
+
+
+def open_metrics_log(path: Path, iteration: int):
+    """Open ``metrics.jsonl`` for appending, first dropping records after ``iteration`` (left by
+    a run that was killed after its last checkpoint), so a resumed log has no duplicates."""
+    if path.exists():
+        keep = [
+            line
+            for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("iter", 0) <= iteration
+        ]
+        path.write_text("".join(line + "\n" for line in keep))
+    return path.open("a")
 
 
 def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) -> TrainResult:

@@ -14,13 +14,23 @@ def upsample_to(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def cross_entropy(
-    logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int = 255,
+    normalizer: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
-    """Mean CE over labelled pixels; exactly 0 (with a graph) when every pixel is ignored.
+    """Summed CE over labelled pixels divided by ``normalizer`` (default: their count here).
 
-    logits: (B, C, h, w), upsampled to target's size; target: (B, H, W) int64.
+    logits: (B, C, h, w), upsampled to target's size; target: (B, H, W) int64. Exactly 0 (with
+    a graph) when every pixel is ignored. Under DDP the loss set passes the labelled-pixel count
+    of the whole global batch divided by the world size, so that DDP's gradient averaging gives
+    exactly the gradient of the global-batch mean.
     """
-    logits = upsample_to(logits, tuple(target.shape[-2:])).float()
+    logits = upsample_to(logits, tuple(target.shape[-2:]))
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     total = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum")
-    count = (target != ignore_index).sum().clamp(min=1)
-    return total / count
+    if normalizer is None:
+        normalizer = (target != ignore_index).sum()
+    if isinstance(normalizer, torch.Tensor):
+        return total / normalizer.clamp(min=1)
+    return total / max(normalizer, 1e-12)

@@ -6,7 +6,17 @@ import torch
 from torch import nn
 
 from contrastseg.config import LossConfig
+from contrastseg.engine.distributed import all_reduce_sum, is_distributed
 from contrastseg.losses.cross_entropy import cross_entropy
+
+
+def global_pixel_normalizer(target: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
+    """Under DDP: labelled pixels of the global batch / world size (one all-reduce); else None."""
+    if not is_distributed():
+        return None
+    count = (target != ignore_index).sum().to(torch.float64)
+    all_reduce_sum(count)
+    return count / torch.distributed.get_world_size()
 
 
 class LossSet(nn.Module):
@@ -74,12 +84,13 @@ class LossSet(nn.Module):
         image_ids: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         cfg = self.cfg
+        norm = global_pixel_normalizer(target, self.ignore_index)
         terms: dict[str, torch.Tensor] = {
-            "ce": cross_entropy(outputs["seg"], target, self.ignore_index)
+            "ce": cross_entropy(outputs["seg"], target, self.ignore_index, norm)
         }
         total = cfg.ce.weight * terms["ce"]
         if "aux" in outputs:
-            terms["aux_ce"] = cross_entropy(outputs["aux"], target, self.ignore_index)
+            terms["aux_ce"] = cross_entropy(outputs["aux"], target, self.ignore_index, norm)
             total = total + cfg.ce.aux_weight * terms["aux_ce"]
         if "embed" in outputs:
             if self.contrast_active(step):

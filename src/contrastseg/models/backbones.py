@@ -163,6 +163,4 @@ def load_backbone_weights(backbone: TimmBackbone, path: Path, strict: bool = Tru
             "to load what matches."
         )
     skip = set(wrong_shape)
-    backbone.body.load_state_dict(
-        {k: v for k, v in state.items() if k not in skip}, strict=False
-    )
+    backbone.body.load_state_dict({k: v for k, v in state.items() if k not in skip}, strict=False)

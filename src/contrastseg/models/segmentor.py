@@ -77,8 +77,17 @@ class InferenceModel(nn.Module):
         return F.interpolate(seg, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
-def build_model(cfg: ModelConfig, num_classes: int, with_projection: bool = False) -> Segmentor:
+def build_model(
+    cfg: ModelConfig,
+    num_classes: int,
+    with_projection: bool = False,
+    backbone_weights: bool = True,
+) -> Segmentor:
     """Build the segmenter a config describes; the projection head only when asked.
+
+    With ``backbone_weights=False`` neither timm's ImageNet weights (``pretrained``) nor the
+    file ``model.backbone.weights`` are loaded: for callers that load a whole checkpoint over
+    the model (inference, export), so that no network or weight file is needed.
 
     deeplabv3: ASPP on the last stage of a dilated backbone, FCN auxiliary head on the stage
     before (``cfg.aux``), projection on the last stage. hrnetv2: the HRNet branches concatenated
@@ -88,8 +97,9 @@ def build_model(cfg: ModelConfig, num_classes: int, with_projection: bool = Fals
     pixel representation and the projection the last stage.
     """
     bcfg = cfg.backbone
-    backbone = TimmBackbone(bcfg.name, bcfg.output_stride, pretrained=bcfg.pretrained)
-    if bcfg.weights is not None:
+    pretrained = bcfg.pretrained and backbone_weights
+    backbone = TimmBackbone(bcfg.name, bcfg.output_stride, pretrained=pretrained)
+    if bcfg.weights is not None and backbone_weights:
         load_backbone_weights(backbone, bcfg.weights, strict=bcfg.strict)
     top = backbone.channels[backbone.out_index]
     aux = None

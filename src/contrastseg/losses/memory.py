@@ -1,0 +1,454 @@
+"""Per-class memory of detached embeddings for cross-image pixel contrast.
+
+`ClassMemory` keeps, for every class, two stores (METHOD.md section 3):
+
+* a **pixel queue**: a ring buffer of ``pixel_size`` embeddings per class. Every call to
+  :meth:`ClassMemory.push` enqueues, for each image and each class the image contains, up to
+  ``pixels_per_image`` pixels drawn uniformly at random among the pixels of that class. The
+  class pointer advances by the number of entries written, wrapping around.
+* a **region memory**: the L2-normalised mean embedding of class ``c`` in image ``n``, kept either
+  as a FIFO ring of ``region_size`` per class (``"fifo"``), as one slot per (class, image id)
+  (``"per_image"``, the paper's ``|C| x N x D`` store) or not at all (``"none"``).
+
+Labels outside ``[0, num_classes)`` (the ignore label among them) are never stored.
+Every piece of state is a persistent registered buffer, so ``state_dict`` / ``load_state_dict``
+round-trip the memory exactly and checkpoints carry it.
+
+Under ``torch.distributed`` with more than one process, :meth:`push` all-gathers fixed-size,
+padded tensors from every rank (each rank draws its own random pixels first) and every rank then
+enqueues the same gathered data in rank-major order, so all ranks hold identical memories.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from contrastseg.errors import ConfigError
+
+__all__ = ["REGION_MODES", "ClassMemory", "LazyGenerator", "random_group_ranks"]
+
+REGION_MODES = ("fifo", "per_image", "none")
+_STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class LazyGenerator:
+    """A ``torch.Generator`` seeded once and created on first use on the inputs' device.
+
+    The state can be exported with :meth:`state` (a CPU ``uint8`` tensor, empty when the
+    generator was never used) and restored with :meth:`load_state`; a state loaded before the
+    first use is applied when the generator is created. A state that does not fit the device
+    the generator is created on (CPU state on CUDA or the reverse) is dropped with a warning and
+    the generator starts from the seed. If the inputs move to another device, a new generator is
+    created there from the seed.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+        self._generator: torch.Generator | None = None
+        self._pending: Tensor | None = None
+
+    def get(self, device: torch.device | str) -> torch.Generator:
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        gen = self._generator
+        if gen is None or gen.device != device:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self.seed)
+            if self._pending is not None:
+                _set_state_or_warn(gen, self._pending, self.seed)
+                self._pending = None
+            self._generator = gen
+        return gen
+
+    def state(self) -> Tensor:
+        if self._generator is not None:
+            return self._generator.get_state().clone()
+        if self._pending is not None:
+            return self._pending.clone()
+        return torch.empty(0, dtype=torch.uint8)
+
+    def load_state(self, state: Tensor | None) -> None:
+        if state is None or state.numel() == 0:
+            self._generator = None
+            self._pending = None
+            return
+        state = state.detach().to("cpu", torch.uint8).clone()
+        if self._generator is None:
+            self._pending = state
+        else:
+            _set_state_or_warn(self._generator, state, self.seed)
+
+
+def _set_state_or_warn(gen: torch.Generator, state: Tensor, seed: int) -> None:
+    try:
+        gen.set_state(state)
+    except (RuntimeError, ValueError):
+        warnings.warn(
+            f"random generator state of {state.numel()} bytes does not fit a generator on "
+            f"{gen.device}; restarting it from seed {seed}",
+            stacklevel=3,
+        )
+        gen.manual_seed(seed)
+
+
+def random_group_ranks(
+    group: Tensor, num_groups: int, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Uniformly random ranks of elements within their group, without a loop over groups.
+
+    ``group`` is a 1-D int64 tensor with values in ``[0, num_groups]``; the value ``num_groups``
+    marks elements that belong to no group. Returns ``(order, group_sorted, rank_sorted,
+    counts)``: ``order`` sorts the elements by (group, random key), ``group_sorted`` is
+    ``group[order]``, ``rank_sorted[j]`` is the rank of element ``order[j]`` inside its group (a
+    uniformly random permutation of ``0..n_g-1`` per group) and ``counts`` holds the group
+    sizes (``num_groups + 1`` entries, the last for "no group").
+    """
+    length = group.numel()
+    device = group.device
+    perm = torch.randperm(length, generator=generator, device=device)
+    key = group * length + perm
+    _, order = torch.sort(key)
+    counts = torch.bincount(group, minlength=num_groups + 1)
+    starts = torch.cumsum(counts, 0) - counts
+    group_sorted = group[order]
+    rank_sorted = torch.arange(length, device=device) - starts[group_sorted]
+    return order, group_sorted, rank_sorted, counts
+
+
+def _distributed_world(group) -> int:
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+class ClassMemory(nn.Module):
+    """Per-class pixel queue and region memory of detached, L2-normalised embeddings.
+
+    Args:
+        num_classes: number of classes ``C``; labels outside ``[0, C)`` are never stored.
+        dim: embedding size ``D``.
+        pixel_size: entries per class in the pixel ring buffer (``T``); 0 disables it.
+        pixels_per_image: random pixels of each class each image pushes (``V``).
+        region_mode: ``"fifo"`` (ring of ``region_size`` region means per class),
+            ``"per_image"`` (one slot per class and image id; needs ``num_images`` and
+            ``image_ids`` in :meth:`push`) or ``"none"``.
+        region_size: entries per class of the FIFO region ring.
+        num_images: number of training images (``per_image`` mode).
+        dtype: storage dtype (float32 by default; float16 / bfloat16 halve the memory).
+        seed: seed of the generator used when :meth:`push` gets no generator.
+        process_group: process group to all-gather over (default: the world group).
+
+    Buffers: ``pixel_queue (C, T, D)``, ``pixel_ptr (C,)``, ``pixel_count (C,)``; in ``fifo``
+    mode ``region_queue (C, R, D)``, ``region_ptr (C,)``, ``region_count (C,)``; in ``per_image``
+    mode ``region_queue (C, num_images, D)`` and ``region_filled (C, num_images)``. While a ring
+    is not full its filled slots are ``[0, count)``.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int = 256,
+        pixel_size: int = 5000,
+        pixels_per_image: int = 10,
+        region_mode: str = "fifo",
+        region_size: int = 5000,
+        num_images: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+        process_group=None,
+    ) -> None:
+        super().__init__()
+        _check_int("num_classes", num_classes, 1)
+        _check_int("dim", dim, 1)
+        _check_int("pixel_size", pixel_size, 0)
+        _check_int("pixels_per_image", pixels_per_image, 1)
+        if region_mode not in REGION_MODES:
+            raise ConfigError(
+                f"region_mode={region_mode!r} is not supported; allowed values: "
+                + ", ".join(repr(m) for m in REGION_MODES)
+            )
+        if dtype not in _STORAGE_DTYPES:
+            raise ConfigError(
+                f"dtype={dtype} is not a supported memory storage dtype; allowed values: "
+                "torch.float16, torch.bfloat16, torch.float32, torch.float64"
+            )
+        if region_mode == "fifo":
+            _check_int("region_size", region_size, 1)
+        if region_mode == "per_image":
+            if num_images is None:
+                raise ConfigError(
+                    "region_mode='per_image' needs num_images (the number of training images); "
+                    "set num_images or use region_mode='fifo'"
+                )
+            _check_int("num_images", num_images, 1)
+        self.num_classes = int(num_classes)
+        self.dim = int(dim)
+        self.pixel_size = int(pixel_size)
+        self.pixels_per_image = int(pixels_per_image)
+        self.region_mode = region_mode
+        self.region_size = int(region_size) if region_mode == "fifo" else 0
+        self.num_images = int(num_images) if num_images is not None else None
+        self.process_group = process_group
+        self._rng = LazyGenerator(seed)
+
+        C, D = self.num_classes, self.dim
+        self.register_buffer("pixel_queue", torch.zeros(C, self.pixel_size, D, dtype=dtype))
+        self.register_buffer("pixel_ptr", torch.zeros(C, dtype=torch.long))
+        self.register_buffer("pixel_count", torch.zeros(C, dtype=torch.long))
+        if region_mode == "fifo":
+            self.register_buffer("region_queue", torch.zeros(C, self.region_size, D, dtype=dtype))
+            self.register_buffer("region_ptr", torch.zeros(C, dtype=torch.long))
+            self.register_buffer("region_count", torch.zeros(C, dtype=torch.long))
+        elif region_mode == "per_image":
+            self.register_buffer("region_queue", torch.zeros(C, self.num_images, D, dtype=dtype))
+            self.register_buffer("region_filled", torch.zeros(C, self.num_images, dtype=torch.bool))
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, dim={self.dim}, pixel_size={self.pixel_size}, "
+            f"pixels_per_image={self.pixels_per_image}, region_mode={self.region_mode!r}, "
+            f"region_size={self.region_size}, num_images={self.num_images}, "
+            f"dtype={self.pixel_queue.dtype}"
+        )
+
+    # ----------------------------------------------------------------------------- state
+    def generator_state(self) -> Tensor:
+        """State of the memory's own generator (used when :meth:`push` gets none)."""
+        return self._rng.state()
+
+    def load_generator_state(self, state: Tensor | None) -> None:
+        self._rng.load_state(state)
+
+    def get_extra_state(self) -> Tensor:
+        return self._rng.state()
+
+    def set_extra_state(self, state) -> None:
+        self._rng.load_state(state)
+
+    # ------------------------------------------------------------------------------ read
+    def bank(self, dtype: torch.dtype | None = torch.float32) -> tuple[Tensor, Tensor]:
+        """Every filled entry: ``feats (M, D)`` and ``labels (M,)`` (int64).
+
+        Pixel entries come first (class-major), then region entries. ``dtype=None`` keeps the
+        storage dtype. The result is a copy (boolean indexing), detached from any graph.
+        """
+        feats, labels = [], []
+        classes = torch.arange(self.num_classes, device=self.pixel_queue.device)
+        slots = torch.arange(self.pixel_size, device=classes.device)
+        filled = slots[None, :] < self.pixel_count[:, None]
+        feats.append(self.pixel_queue[filled])
+        labels.append(classes[:, None].expand_as(filled)[filled])
+        if self.region_mode == "fifo":
+            slots = torch.arange(self.region_size, device=classes.device)
+            filled = slots[None, :] < self.region_count[:, None]
+            feats.append(self.region_queue[filled])
+            labels.append(classes[:, None].expand_as(filled)[filled])
+        elif self.region_mode == "per_image":
+            filled = self.region_filled
+            feats.append(self.region_queue[filled])
+            labels.append(classes[:, None].expand_as(filled)[filled])
+        out = torch.cat(feats, 0)
+        if dtype is not None:
+            out = out.to(dtype)
+        return out, torch.cat(labels, 0)
+
+    def __len__(self) -> int:
+        """Number of filled entries (a host sync)."""
+        n = int(self.pixel_count.sum())
+        if self.region_mode == "fifo":
+            n += int(self.region_count.sum())
+        elif self.region_mode == "per_image":
+            n += int(self.region_filled.sum())
+        return n
+
+    # ----------------------------------------------------------------------------- write
+    @torch.no_grad()
+    def push(
+        self,
+        embed: Tensor,
+        target: Tensor,
+        image_ids: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        """Enqueue a batch: ``embed (B, D, h, w)``, ``target (B, h, w)`` on the same grid.
+
+        ``image_ids (B,)`` (int) are required in ``per_image`` region mode. ``generator`` draws
+        the random pixels (the memory's own seeded generator when ``None``). Under DDP this is a
+        collective call: every rank must call it at the same step.
+        """
+        if embed.dim() != 4 or embed.shape[1] != self.dim:
+            raise ConfigError(
+                f"embed must have shape (B, {self.dim}, h, w); got {tuple(embed.shape)}"
+            )
+        B, _, h, w = embed.shape
+        if tuple(target.shape) != (B, h, w):
+            raise ConfigError(
+                f"target must have shape (B, h, w) = {(B, h, w)} (the embedding grid); "
+                f"got {tuple(target.shape)}"
+            )
+        if self.region_mode == "per_image" and image_ids is None:
+            raise ConfigError(
+                "region_mode='per_image' needs image_ids (B,) in push(); pass the dataset "
+                "indices of the images or use region_mode='fifo'"
+            )
+        if image_ids is not None:
+            image_ids = torch.as_tensor(image_ids, device=embed.device).reshape(-1).long()
+            if image_ids.numel() != B:
+                raise ConfigError(f"image_ids must have {B} entries; got {image_ids.numel()}")
+        if generator is None:
+            generator = self._rng.get(embed.device)
+
+        device = self.pixel_queue.device
+        store = self.pixel_queue.dtype
+        pix, pix_mask, reg, reg_mask = self._local_entries(embed.detach(), target, generator)
+        pix, reg = pix.to(device, store), reg.to(device, store)
+        pix_mask, reg_mask = pix_mask.to(device), reg_mask.to(device)
+        ids = (
+            image_ids.to(device)
+            if image_ids is not None
+            else torch.full((B,), -1, dtype=torch.long, device=device)
+        )
+        if _distributed_world(self.process_group) > 1:
+            pix, pix_mask, reg, reg_mask, ids = self._all_gather(
+                [pix, pix_mask, reg, reg_mask, ids]
+            )
+
+        if self.pixel_size > 0:
+            self._enqueue_ring(self.pixel_queue, self.pixel_ptr, self.pixel_count, pix, pix_mask)
+        if self.region_mode == "fifo":
+            self._enqueue_ring(
+                self.region_queue,
+                self.region_ptr,
+                self.region_count,
+                reg.unsqueeze(2),
+                reg_mask.unsqueeze(2),
+            )
+        elif self.region_mode == "per_image":
+            self._write_per_image(reg, reg_mask, ids)
+
+    def _local_entries(
+        self, embed: Tensor, target: Tensor, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """This rank's entries as fixed-size padded tensors.
+
+        Returns ``pix (B, C, V, D)``, ``pix_mask (B, C, V)``, ``reg (B, C, D)`` (normalised
+        region means), ``reg_mask (B, C)``; slot ``v`` of (image, class) holds the pixel of
+        random rank ``v`` in that class.
+        """
+        B, D, h, w = embed.shape
+        C, V = self.num_classes, self.pixels_per_image
+        P = h * w
+        device = embed.device
+        work = torch.promote_types(embed.dtype, torch.float32)
+        flat = embed.reshape(B, D, P).to(work)
+        t = target.reshape(B, P).to(device=device, dtype=torch.long)
+        valid = (t >= 0) & (t < C)
+        t_safe = torch.where(valid, t, 0)
+
+        # Region means: one-hot (B, P, C) times (B, D, P) -> (B, D, C).
+        onehot = torch.zeros(B, P, C, dtype=work, device=device)
+        onehot.scatter_(2, t_safe.unsqueeze(2), valid.unsqueeze(2).to(work))
+        counts = onehot.sum(1)  # (B, C)
+        sums = torch.bmm(flat, onehot).transpose(1, 2)  # (B, C, D)
+        reg_mask = counts > 0
+        reg = torch.nn.functional.normalize(sums, dim=2)
+
+        # Up to V random pixels of every (image, class).
+        pix = torch.zeros(B * C * V, D, dtype=work, device=device)
+        pix_mask = torch.zeros(B * C * V, dtype=torch.bool, device=device)
+        if self.pixel_size > 0:
+            group = torch.arange(B, device=device)[:, None] * C + t_safe
+            group = torch.where(valid, group, B * C).reshape(-1)
+            order, group_sorted, rank_sorted, _ = random_group_ranks(group, B * C, generator)
+            keep = (rank_sorted < V) & (group_sorted < B * C)
+            chosen = order[keep]
+            slot = group_sorted[keep] * V + rank_sorted[keep]
+            b_idx = torch.div(chosen, P, rounding_mode="floor")
+            p_idx = chosen - b_idx * P
+            pix[slot] = flat[b_idx, :, p_idx]
+            pix_mask[slot] = True
+        return pix.view(B, C, V, D), pix_mask.view(B, C, V), reg, reg_mask
+
+    def _all_gather(self, tensors: list[Tensor]) -> list[Tensor]:
+        """All-gather tensors whose first dimension is the batch (which may differ by rank)."""
+        group = self.process_group
+        world = dist.get_world_size(group)
+        device = tensors[0].device
+        comm = device
+        if dist.get_backend(group) == "gloo" and device.type != "cpu":
+            comm = torch.device("cpu")
+        size = torch.tensor([tensors[0].shape[0]], dtype=torch.long, device=comm)
+        sizes = [torch.zeros_like(size) for _ in range(world)]
+        dist.all_gather(sizes, size, group=group)
+        sizes = [int(s.item()) for s in sizes]
+        bmax = max(sizes)
+        out = []
+        for t in tensors:
+            is_bool = t.dtype == torch.bool
+            x = t.to(comm)
+            if is_bool:
+                x = x.to(torch.uint8)
+            if x.shape[0] < bmax:
+                pad = x.new_zeros((bmax - x.shape[0], *x.shape[1:]))
+                x = torch.cat([x, pad], 0)
+            x = x.contiguous()
+            bufs = [torch.empty_like(x) for _ in range(world)]
+            dist.all_gather(bufs, x, group=group)
+            y = torch.cat([b[:n] for b, n in zip(bufs, sizes, strict=True)], 0)
+            if is_bool:
+                y = y.bool()
+            out.append(y.to(device))
+        return out
+
+    @staticmethod
+    def _enqueue_ring(
+        queue: Tensor, ptr: Tensor, count: Tensor, items: Tensor, mask: Tensor
+    ) -> None:
+        """Write ``items (L, C, S, D)`` where ``mask (L, C, S)`` into the per-class rings.
+
+        For class ``c`` the valid items are written in (l, s) order at ``ptr[c]``, ``ptr[c]+1``,
+        ... modulo the ring size; only the last ``size`` of them survive when more arrive at
+        once, exactly as if they were written one by one. Vectorised over classes and items.
+        """
+        C, size, _ = queue.shape
+        L, _, S = mask.shape
+        m = mask.permute(1, 0, 2).reshape(C, L * S)  # per class, sequence order (l, s)
+        seq = torch.cumsum(m.long(), 1) - 1
+        n = m.sum(1)
+        keep = m & (seq >= (n - size)[:, None])
+        c_idx, j_idx = keep.nonzero(as_tuple=True)
+        dest = (ptr[c_idx] + seq[c_idx, j_idx]) % size
+        l_idx = torch.div(j_idx, S, rounding_mode="floor")
+        s_idx = j_idx - l_idx * S
+        queue[c_idx, dest] = items[l_idx, c_idx, s_idx].to(queue.dtype)
+        ptr.copy_((ptr + n) % size)
+        count.copy_(torch.clamp(count + n, max=size))
+
+    def _write_per_image(self, reg: Tensor, reg_mask: Tensor, ids: Tensor) -> None:
+        bad = ((ids < 0) | (ids >= self.num_images))[reg_mask.any(1)]
+        if bool(bad.any()):
+            raise ConfigError(
+                f"image_ids must lie in [0, num_images={self.num_images}) for "
+                f"region_mode='per_image'; got {ids.tolist()}"
+            )
+        L, C = reg_mask.shape
+        j_idx, c_idx = reg_mask.nonzero(as_tuple=True)
+        key = c_idx * self.num_images + ids[j_idx]
+        # The same image twice in one (gathered) batch: the last one wins, as in a serial write.
+        last = torch.full((C * self.num_images,), -1, dtype=torch.long, device=key.device)
+        last.scatter_reduce_(0, key, j_idx, reduce="amax")
+        win = last[key] == j_idx
+        j_idx, c_idx = j_idx[win], c_idx[win]
+        slot = ids[j_idx]
+        self.region_queue[c_idx, slot] = reg[j_idx, c_idx].to(self.region_queue.dtype)
+        self.region_filled[c_idx, slot] = True
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name}={value!r} is invalid; allowed values: integers >= {minimum}")

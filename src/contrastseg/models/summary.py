@@ -1,0 +1,149 @@
+"""The model zoo at a glance: every architecture, its parameters and FLOPs.
+
+Models are built on PyTorch's ``meta`` device: no memory is allocated and nothing is computed,
+so counting a ResNet-101 at 1024x2048 takes a fraction of a second. FLOPs come from
+``torch.utils.flop_counter.FlopCounterMode``, which counts convolutions and matrix products
+(one multiply-add = 2 FLOPs); normalisation, activations, pooling, softmax and interpolation are
+not counted. ``GMACs`` below = FLOPs / 2 / 1e9 (the "FLOPs" of most segmentation papers).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from contrastseg.config import ModelConfig
+from contrastseg.models.backbones import BACKBONES
+from contrastseg.models.segmentor import InferenceModel, build_model, count_parameters
+
+HEAD_DESCRIPTIONS = {
+    "deeplabv3": "DeepLabV3: ASPP (rates 12/24/36) on the last stage + FCN auxiliary head",
+    "hrnetv2": "HRNetV2: branches concatenated at stride 4, 1x1 conv-BN-ReLU, classifier",
+    "ocr": "OCR: soft object regions (aux), region representations, pixel-region attention",
+}
+
+# The rows of Table 1 of the supplement: config stem -> (backbone, head).
+TABLE1 = {
+    "deeplabv3_mobilenetv1": ("mobilenetv1", "deeplabv3"),
+    "deeplabv3_mobilenetv2": ("mobilenetv2", "deeplabv3"),
+    "deeplabv3_mobilenetv3": ("mobilenetv3_large", "deeplabv3"),
+    "deeplabv3_resnet101": ("resnet101_deep", "deeplabv3"),
+    "hrnetv2_w48": ("hrnetv2_w48", "hrnetv2"),
+    "ocr_resnet101": ("resnet101_deep", "ocr"),
+    "ocr_hrnetv2_w48": ("hrnetv2_w48", "ocr"),
+}
+
+
+def architectures() -> list[tuple[str, str]]:
+    """Every valid (backbone, head) pair, in a stable order."""
+    pairs = []
+    for head in ("deeplabv3", "hrnetv2", "ocr"):
+        for name, spec in BACKBONES.items():
+            if (head == "deeplabv3" and spec.hrnet) or (head == "hrnetv2" and not spec.hrnet):
+                continue
+            pairs.append((name, head))
+    return pairs
+
+
+def _meta_model(cfg: ModelConfig, num_classes: int):
+    # sizes do not depend on weights: never read or download any
+    with torch.device("meta"):
+        return build_model(cfg, num_classes, with_projection=True, backbone_weights=False)
+
+
+def _flops(module: torch.nn.Module, size: tuple[int, int], batch: int) -> int:
+    counter = FlopCounterMode(display=False)
+    with torch.device("meta"):
+        x = torch.empty(batch, 3, *size)
+    with counter, torch.no_grad():
+        module(x)
+    return counter.get_total_flops()
+
+
+def summarize(
+    cfg: ModelConfig,
+    num_classes: int = 19,
+    size: tuple[int, int] = (1024, 2048),
+    batch: int = 1,
+    flops: bool = True,
+) -> dict[str, Any]:
+    """Parameters and forward FLOPs of the inference model (backbone + decode head; for OCR the
+    soft-object-region head is part of it) and of the training model (+ auxiliary FCN head,
+    + projection head), at an input of ``batch x 3 x size``."""
+    model = _meta_model(cfg, num_classes)
+    inference = InferenceModel(model).eval()
+    row: dict[str, Any] = {
+        "backbone": cfg.backbone.name,
+        "head": cfg.head,
+        "classes": num_classes,
+        "stride": model.output_stride,
+        "size": tuple(size),
+        "params_inference": count_parameters(inference),
+        "params_training": count_parameters(model),
+    }
+    if flops:
+        row["flops_inference"] = _flops(inference, size, batch)
+        # The training graph (aux and projection heads run); batch norm stays in eval mode so
+        # that a batch of 1 is allowed (ASPP's pooled 1x1 map): FLOPs are the same either way.
+        model.train()
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        row["flops_training"] = _flops(model, size, batch)
+    return row
+
+
+def format_summary(row: dict[str, Any]) -> str:
+    h, w = row["size"]
+    lines = [
+        f"model {row['head']} + {row['backbone']}  ({row['classes']} classes, seg at stride "
+        f"{row['stride']})",
+        f"  parameters  inference {row['params_inference'] / 1e6:8.2f} M   "
+        f"training {row['params_training'] / 1e6:8.2f} M (+ auxiliary and projection heads)",
+    ]
+    if "flops_inference" in row:
+        lines.append(
+            f"  FLOPs at {h}x{w}  inference {row['flops_inference'] / 1e9:9.1f} G "
+            f"({row['flops_inference'] / 2e9:.1f} GMACs)   training forward "
+            f"{row['flops_training'] / 1e9:9.1f} G ({row['flops_training'] / 2e9:.1f} GMACs)"
+        )
+        lines.append(
+            "  (torch.utils.flop_counter: convolutions and matrix products, 1 multiply-add = "
+            "2 FLOPs)"
+        )
+    return "\n".join(lines)
+
+
+def list_models(num_classes: int = 19) -> list[dict[str, Any]]:
+    """One row per architecture: names, stride, inference parameters, description."""
+    table1 = {v: k for k, v in TABLE1.items()}
+    rows = []
+    for backbone, head in architectures():
+        cfg = ModelConfig.model_validate({"backbone": {"name": backbone}, "head": head})
+        row = summarize(cfg, num_classes, flops=False)
+        row["table1"] = table1.get((backbone, head), "")
+        row["description"] = (
+            f"{HEAD_DESCRIPTIONS[head].split(':')[0]} on {BACKBONES[backbone].description}"
+        )
+        rows.append(row)
+    return rows
+
+
+def format_models(rows: list[dict[str, Any]]) -> str:
+    header = (
+        f"{'model.head':<10} {'model.backbone.name':<19} {'stride':>6} {'params':>8}  "
+        f"{'Table 1 config':<22} description"
+    )
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(
+            f"{r['head']:<10} {r['backbone']:<19} {r['stride']:>6} "
+            f"{r['params_inference'] / 1e6:>7.1f}M  {r['table1'] or '-':<22} {r['description']}"
+        )
+    lines.append(
+        f"params: inference model, {rows[0]['classes'] if rows else 19} classes. Training adds the "
+        "auxiliary and projection heads; see `contrastseg summary CONFIG`."
+    )
+    return "\n".join(lines)

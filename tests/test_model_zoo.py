@@ -1,0 +1,292 @@
+"""The model zoo of Table 1: every architecture builds, trains, evaluates; sizes match the papers.
+
+Parameter counts and FLOPs are taken on the ``meta`` device (no memory, no compute), so even
+HRNetV2-W48 and ResNet-101 cost a fraction of a second there; real forward/backward passes use
+tiny inputs.
+"""
+
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+
+from contrastseg.config import ModelConfig, load_config
+from contrastseg.errors import CheckpointError, ConfigError
+from contrastseg.models import InferenceModel, build_model, count_parameters
+from contrastseg.models.backbones import TimmBackbone, load_backbone_weights
+from contrastseg.models.summary import (
+    TABLE1,
+    architectures,
+    format_models,
+    format_summary,
+    list_models,
+    summarize,
+)
+
+CONFIGS = Path(__file__).parents[1] / "configs" / "cityscapes"
+NUM_CLASSES = 5
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    """One thread: these tiny convolutions gain nothing from more, and on a busy machine the
+    thread pool's waiting makes them many times slower (overrides the conftest fixture)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def model_cfg(backbone: str, head: str, **kw) -> ModelConfig:
+    return ModelConfig.model_validate({"backbone": {"name": backbone}, "head": head, **kw})
+
+
+def meta_model(backbone: str, head: str, num_classes: int = 19, projection: bool = True):
+    with torch.device("meta"):
+        return build_model(model_cfg(backbone, head), num_classes, with_projection=projection)
+
+
+# (backbone, head, stride of seg, aux expected): the seven rows of Table 1 and the small HRNet
+# of the demo.
+ZOO = [
+    ("mobilenetv1", "deeplabv3", 8, True),
+    ("mobilenetv2", "deeplabv3", 8, True),
+    ("mobilenetv3_large", "deeplabv3", 8, True),
+    ("hrnetv2_w18_small", "hrnetv2", 4, False),
+    ("hrnetv2_w18_small", "ocr", 4, True),
+    ("resnet101_deep", "deeplabv3", 8, True),
+    ("resnet101_deep", "ocr", 8, True),
+    ("hrnetv2_w48", "hrnetv2", 4, False),
+    ("hrnetv2_w48", "ocr", 4, True),
+]
+
+
+@pytest.mark.parametrize(
+    ("backbone", "head", "stride", "has_aux"), ZOO, ids=[f"{h}-{b}" for b, h, *_ in ZOO]
+)
+def test_architecture_trains_and_infers(backbone, head, stride, has_aux):
+    size = (64, 128)
+    torch.manual_seed(0)
+    model = build_model(model_cfg(backbone, head), NUM_CLASSES, with_projection=True).train()
+    assert model.output_stride == stride
+    h, w = size[0] // stride, size[1] // stride
+    out = model(torch.randn(2, 3, *size))
+    assert set(out) == {"seg", "embed"} | ({"aux"} if has_aux else set())
+    assert out["seg"].shape == (2, NUM_CLASSES, h, w)
+    assert out["embed"].shape == (2, 256, h, w)  # on the grid of seg
+    if has_aux:
+        assert out["aux"].shape == (2, NUM_CLASSES, h, w)
+    norms = out["embed"].norm(dim=1)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-4)
+    sum(v.mean() for v in out.values()).backward()
+    # every parameter takes part in the training graph (DDP without find_unused_parameters)
+    unused = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not unused, unused[:5]
+
+    model.eval()
+    called = []
+    model.projection.register_forward_hook(lambda *a: called.append("projection"))
+    if model.aux is not None:
+        model.aux.register_forward_hook(lambda *a: called.append("aux"))
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        seg = model(x)
+        logits = InferenceModel(model)(x)
+    assert list(seg) == ["seg"] and called == []
+    assert seg["seg"].shape == (2, NUM_CLASSES, h, w)
+    assert logits.shape == (2, NUM_CLASSES, *size)
+    up = torch.nn.functional.interpolate(seg["seg"], size=size, mode="bilinear")
+    assert torch.allclose(logits, up, atol=1e-5)
+
+
+def test_hrnet_backbones_expose_raw_branches():
+    with torch.device("meta"):
+        w48 = TimmBackbone("hrnetv2_w48")
+        small = TimmBackbone("hrnetv2_w18_small")
+    assert w48.channels == [48, 96, 192, 384] and w48.strides == [4, 8, 16, 32]
+    assert small.channels == [16, 32, 64, 128] and small.strides == [4, 8, 16, 32]
+    assert not any("incre" in k or "classifier" in k for k in w48.state_dict())
+
+
+def test_resnet101_deep_stem_is_three_3x3_convolutions():
+    with torch.device("meta"):
+        deep = TimmBackbone("resnet101_deep")
+        plain = TimmBackbone("resnet101")
+    stem = [m for m in deep.body.conv1.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [m.kernel_size for m in stem] == [(3, 3)] * 3
+    assert [m.out_channels for m in stem] == [64, 64, 128]
+    assert plain.body.conv1.kernel_size == (7, 7)
+    assert deep.strides[-1] == 8 and deep.channels[-2:] == [1024, 2048]
+
+
+@pytest.mark.parametrize(
+    ("backbone", "head", "channels"),
+    [
+        ("hrnetv2_w48", "hrnetv2", 720),
+        ("hrnetv2_w48", "ocr", 720),
+        ("resnet101_deep", "deeplabv3", 2048),
+        ("resnet101_deep", "ocr", 2048),
+        ("mobilenetv2", "deeplabv3", 320),
+    ],
+)
+def test_projection_reads_the_decoder_input(backbone, head, channels):
+    model = meta_model(backbone, head)
+    assert model.projection.net[0].in_channels == channels
+
+
+@pytest.mark.parametrize(
+    ("backbone", "head", "published"),
+    [
+        ("hrnetv2_w48", "hrnetv2", 65.9e6),  # HRNetV2-W48, 19 classes (HRNet paper)
+        ("resnet101", "deeplabv3", 58.6e6),  # torchvision deeplabv3_resnet101 without aux head
+        ("resnet101_deep", "deeplabv3", 58.6e6),  # same with the deep stem (+0.1M)
+        ("hrnetv2_w48", "ocr", 70.3e6),  # HRNetV2-W48 + OCR (HRNet-OCR release)
+    ],
+)
+def test_parameter_counts_match_published(backbone, head, published):
+    model = meta_model(backbone, head)
+    params = count_parameters(InferenceModel(model))
+    assert abs(params - published) / published < 0.02, params
+    assert count_parameters(model) > params  # training adds projection (and aux) heads
+
+
+def test_summary_flops_scale_with_pixels_and_training_costs_more():
+    cfg = model_cfg("hrnetv2_w18_small", "hrnetv2")
+    small = summarize(cfg, 19, (64, 128))
+    large = summarize(cfg, 19, (128, 256))
+    assert large["flops_inference"] == 4 * small["flops_inference"]  # no image pooling
+    assert small["flops_training"] > small["flops_inference"] > 0
+    assert small["params_training"] > small["params_inference"]
+    text = format_summary(small)
+    assert "FLOPs at 64x128" in text and "GMACs" in text
+
+
+def test_models_lists_every_architecture():
+    pairs = architectures()
+    assert len(pairs) == 5 + 2 + 7 and set(TABLE1.values()) <= set(pairs)
+    text = format_models(list_models())
+    for backbone, head in pairs:
+        assert backbone in text and head in text
+    for stem in TABLE1:
+        assert stem in text
+
+
+def table1_configs():
+    return sorted(CONFIGS.glob("*_ce.yaml")) + sorted(CONFIGS.glob("*_contrast.yaml"))
+
+
+def test_every_table1_config_loads_and_builds():
+    paths = table1_configs()
+    stems = {p.name.rsplit("_", 1)[0] for p in paths}
+    assert stems == set(TABLE1) and len(paths) == 14
+    for path in paths:
+        cfg = load_config(path, ["model.backbone.pretrained=false"])
+        backbone, head = TABLE1[path.name.rsplit("_", 1)[0]]
+        assert (cfg.model.backbone.name, cfg.model.head) == (backbone, head)
+        assert cfg.train.iters == 80000
+        assert cfg.train.batch_size == (16 if "mobilenet" in path.name else 8)
+        contrast = cfg.loss.contrast
+        assert contrast.enabled == path.name.endswith("_contrast.yaml")
+        if contrast.enabled:
+            assert (contrast.weight, contrast.warmup_iters, contrast.temperature) == (
+                0.1,
+                5000,
+                0.1,
+            )
+            assert contrast.memory.enabled and contrast.memory.sampling == "all"
+            assert contrast.memory.pixel_size == contrast.memory.region_size == 5000
+        with torch.device("meta"):
+            model = build_model(cfg.model, 19, with_projection=contrast.enabled)
+        assert (model.projection is not None) == contrast.enabled
+
+
+@pytest.mark.parametrize(
+    ("overrides", "keys"),
+    [
+        (["model.head=hrnetv2"], ["model.head", "model.backbone.name"]),
+        (["model.backbone.name=hrnetv2_w48"], ["model.head", "model.backbone.name"]),
+        (
+            ["model.backbone.pretrained=true", "model.backbone.weights=/x.pth"],
+            ["model.backbone.pretrained", "model.backbone.weights"],
+        ),
+        (
+            [
+                "model.backbone.name=hrnetv2_w48",
+                "model.head=ocr",
+                "model.backbone.output_stride=16",
+            ],
+            ["model.backbone.output_stride"],
+        ),
+    ],
+)
+def test_impossible_combinations_are_refused(overrides, keys):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert all(k in str(err.value) for k in keys)
+
+
+def test_pretrained_without_network_says_what_to_do():
+    import timm
+
+    real = timm.create_model
+
+    def offline(name, pretrained=False, **kw):
+        if pretrained:
+            raise OSError("no network")
+        return real(name, pretrained=False, **kw)
+
+    cfg = ModelConfig.model_validate(
+        {"backbone": {"name": "hrnetv2_w18_small", "pretrained": True}, "head": "hrnetv2"}
+    )
+    with mock.patch("contrastseg.models.backbones.timm.create_model", side_effect=offline) as fn:
+        with pytest.raises(CheckpointError) as err:
+            build_model(cfg, 3)
+        assert fn.call_args.kwargs["pretrained"] is True
+        # a checkpoint will be loaded over the model: no network needed
+        build_model(cfg, 3, backbone_weights=False)
+        assert summarize(cfg, 3, (64, 64))["params_inference"] > 0
+        cfg.backbone.pretrained = False
+        build_model(cfg, 3)  # random init needs no network
+    assert "model.backbone.weights" in str(err.value) and "no network" in str(err.value)
+
+
+def test_hrnet_classification_checkpoint_loads_and_mismatch_stops(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    classifier = timm.create_model("hrnet_w18_small", pretrained=False)
+    state = {
+        k: torch.full_like(v, 0.25) if v.is_floating_point() else v
+        for k, v in classifier.state_dict().items()
+    }
+    path = tmp_path / "hrnet_w18_small.safetensors"
+    save_file(state, str(path))
+    backbone = TimmBackbone("hrnetv2_w18_small")
+    load_backbone_weights(backbone, path)  # incre/downsample/final/classifier keys are dropped
+    assert all(
+        torch.all(v == 0.25)
+        for k, v in backbone.body.state_dict().items()
+        if v.is_floating_point() and not k.endswith("num_batches_tracked")
+    )
+    # a ResNet checkpoint does not fit: the error lists keys and stops, unless strict is off
+    state = {k: v for k, v in state.items() if not k.startswith("stage4")}
+    state["layer9.weight"] = torch.zeros(1)
+    save_file(state, str(path))
+    with pytest.raises(CheckpointError) as err:
+        load_backbone_weights(backbone, path)
+    assert "stage4" in str(err.value) and "layer9.weight" in str(err.value)
+    assert "strict: false" in str(err.value)
+    load_backbone_weights(backbone, path, strict=False)
+
+
+def test_ocr_on_a_backbone_whose_last_two_stages_differ_in_stride():
+    # MobileNet V2 at output stride 32: region head at stride 16, pixel features at stride 32
+    cfg = ModelConfig.model_validate(
+        {"backbone": {"name": "mobilenetv2", "output_stride": 32}, "head": "ocr"}
+    )
+    model = build_model(cfg, NUM_CLASSES, with_projection=True).train()
+    out = model(torch.randn(2, 3, 64, 128))
+    assert model.output_stride == 32
+    assert out["seg"].shape == (2, NUM_CLASSES, 2, 4) and out["embed"].shape[-2:] == (2, 4)
+    assert out["aux"].shape == (2, NUM_CLASSES, 4, 8)
