@@ -131,6 +131,7 @@ def bench_step(
     classes: Annotated[int, typer.Option(help="Number of classes.")] = 19,
     repeats: Annotated[int, typer.Option(help="Timed repeats of each (median).")] = 5,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    amp: Annotated[str, typer.Option(help="off, bf16 or fp16.")] = "off",
     overrides: Overrides = None,
 ) -> None:
     """s/iter of a train step with and without contrast, and the overhead in percent."""
@@ -138,8 +139,30 @@ def bench_step(
     from contrastseg.benchmarks.train_step import format_step_benchmark, run_step_benchmark
 
     cfg = load_config(config, overrides or [])
-    row = run_step_benchmark(cfg, classes, batch, (height, width), repeats, device)
+    row = run_step_benchmark(cfg, classes, batch, (height, width), repeats, device, amp)
     typer.echo(format_step_benchmark(row))
+
+
+@bench_app.command("train")
+def bench_train(
+    models: Annotated[
+        list[str] | None, typer.Option("--model", help="Table 1 config stems (default: all).")
+    ] = None,
+    config_dir: Annotated[Path, typer.Option(help="Folder of Table 1 configs.")] = Path(
+        "configs/cityscapes"
+    ),
+    batch: Annotated[int, typer.Option(help="Batch size.")] = 2,
+    height: Annotated[int, typer.Option(help="Crop height.")] = 512,
+    width: Annotated[int, typer.Option(help="Crop width.")] = 1024,
+    repeats: Annotated[int, typer.Option(help="Timed repeats of each (median).")] = 5,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    amp: Annotated[str, typer.Option(help="off, bf16 or fp16.")] = "off",
+) -> None:
+    """Table 1 timing: s/iter of each model with and without contrast, overhead, peak memory."""
+    from contrastseg.benchmarks.train_step import format_table1, run_table1_benchmark
+
+    rows = run_table1_benchmark(config_dir, models, batch, (height, width), repeats, device, amp)
+    typer.echo(format_table1(rows))
 
 
 @data_app.command("check")

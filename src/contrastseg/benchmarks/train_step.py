@@ -17,19 +17,30 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _make_step(cfg: ExperimentConfig, num_classes: int, contrast: bool, device: torch.device):
+def _make_step(
+    cfg: ExperimentConfig,
+    num_classes: int,
+    contrast: bool,
+    device: torch.device,
+    amp: str = "off",
+):
     loss_cfg = cfg.loss.model_copy(deep=True)
     loss_cfg.contrast.enabled = contrast
     loss_cfg.contrast.warmup_iters = 0
-    model = build_model(cfg.model, num_classes, with_projection=contrast).to(device).train()
+    model = build_model(cfg.model, num_classes, with_projection=contrast, backbone_weights=False)
+    model = model.to(device).train()
     losses = LossSet(loss_cfg, num_classes, embed_dim=cfg.model.projection_dim).to(device)
     optim = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
     def step(image: torch.Tensor, target: torch.Tensor) -> None:
-        terms = losses(model(image), target, step=10**9)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            terms = losses(model(image), target, step=10**9)
         optim.zero_grad(set_to_none=True)
-        terms["total"].backward()
-        optim.step()
+        scaler.scale(terms["total"]).backward()
+        scaler.step(optim)
+        scaler.update()
 
     return step
 
@@ -53,21 +64,28 @@ def run_step_benchmark(
     size: tuple[int, int] = (256, 512),
     repeats: int = 5,
     device: str = "cpu",
+    amp: str = "off",
 ) -> dict:
     """Median s/iter of a full train step (forward, losses, backward, SGD) for the baseline and
     for the same model with the projection head, sampling, contrast loss and memory update.
-    The two are interleaved (A, B, A, B, ...) so that machine noise hits both alike."""
+    The two are interleaved (A, B, A, B, ...) so that machine noise hits both alike. On CUDA
+    the peak memory of each variant is reported too (GiB)."""
     dev = torch.device(device)
     torch.manual_seed(0)
     image = torch.randn(batch, 3, *size, device=dev)
     target = block_labels(batch, *size, num_classes).to(dev)
-    steps = {
-        "baseline": _make_step(cfg, num_classes, False, dev),
-        "contrast": _make_step(cfg, num_classes, True, dev),
-    }
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for step in steps.values():  # warm-up
-        step(image, target)
+    times: dict[str, list[float]] = {"baseline": [], "contrast": []}
+    peak: dict[str, float | None] = {"baseline": None, "contrast": None}
+    steps = {}
+    for name in times:
+        steps[name] = _make_step(cfg, num_classes, name == "contrast", dev, amp)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        steps[name](image, target)  # warm-up
+        steps[name](image, target)
+        _synchronize(dev)
+        if dev.type == "cuda":
+            peak[name] = torch.cuda.max_memory_allocated(dev) / 2**30
     for _ in range(repeats):
         for name, step in steps.items():
             _synchronize(dev)
@@ -82,18 +100,82 @@ def run_step_benchmark(
         "head": cfg.model.head,
         "batch": batch,
         "size": f"{size[0]}x{size[1]}",
-        "device": str(dev),
+        "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
+        "amp": amp,
         "s_iter_baseline": base,
         "s_iter_contrast": ours,
         "overhead_pct": 100.0 * (ours - base) / base,
         "memory": cfg.loss.contrast.memory.enabled,
+        "peak_gib_baseline": peak["baseline"],
+        "peak_gib_contrast": peak["contrast"],
     }
+
+
+# The supplement's Table 1, in its order: (config stem under configs/cityscapes, model, backbone)
+TABLE1 = (
+    ("deeplabv3_mobilenetv1", "DeepLabV3", "MobileNet-V1"),
+    ("deeplabv3_mobilenetv2", "DeepLabV3", "MobileNet-V2"),
+    ("deeplabv3_mobilenetv3", "DeepLabV3", "MobileNet-V3"),
+    ("deeplabv3_resnet101", "DeepLabV3", "D-ResNet-101"),
+    ("hrnetv2_w48", "HRNetV2", "HRNetV2-W48"),
+    ("ocr_resnet101", "OCR", "D-ResNet-101"),
+    ("ocr_hrnetv2_w48", "OCR", "HRNetV2-W48"),
+)
+
+
+def run_table1_benchmark(
+    config_dir,
+    models: list[str] | None = None,
+    batch: int = 2,
+    size: tuple[int, int] = (512, 1024),
+    repeats: int = 5,
+    device: str = "cpu",
+    amp: str = "off",
+) -> list[dict]:
+    """:func:`run_step_benchmark` for each Table 1 model (its ``*_contrast.yaml`` config)."""
+    from pathlib import Path
+
+    from contrastseg.config import load_config
+
+    rows = []
+    for stem, model, backbone in TABLE1:
+        if models and stem not in models:
+            continue
+        cfg = load_config(Path(config_dir) / f"{stem}_contrast.yaml")
+        row = run_step_benchmark(cfg, 19, batch, size, repeats, device, amp)
+        rows.append({"config": stem, "model": model, "backbone_name": backbone, **row})
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return rows
+
+
+def format_table1(rows: list[dict]) -> str:
+    """Rows in the supplement's Table 1 columns (plus overhead and peak memory)."""
+    head = (
+        f"{'model':<10} {'backbone':<14} {'s/iter':>8} {'+contrast':>10} {'overhead':>9} "
+        f"{'peak GiB':>9} {'+contrast':>10}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        pb = "-" if r["peak_gib_baseline"] is None else f"{r['peak_gib_baseline']:.2f}"
+        pc = "-" if r["peak_gib_contrast"] is None else f"{r['peak_gib_contrast']:.2f}"
+        lines.append(
+            f"{r['model']:<10} {r['backbone_name']:<14} {r['s_iter_baseline']:>8.3f} "
+            f"{r['s_iter_contrast']:>10.3f} {r['overhead_pct']:>+8.1f}% {pb:>9} {pc:>10}"
+        )
+    if rows:
+        r = rows[0]
+        lines.append(
+            f"device {r['device']}, batch {r['batch']}, input {r['size']}, amp {r['amp']}, "
+            "median of interleaved repeats"
+        )
+    return "\n".join(lines)
 
 
 def format_step_benchmark(row: dict) -> str:
     return (
         f"model {row['head']}-{row['backbone']}  batch {row['batch']}  input {row['size']}  "
-        f"device {row['device']}  memory {'on' if row['memory'] else 'off'}\n"
+        f"device {row['device']}  amp {row['amp']}  memory {'on' if row['memory'] else 'off'}\n"
         f"s/iter baseline {row['s_iter_baseline']:.4f}  + contrast {row['s_iter_contrast']:.4f}  "
         f"overhead {row['overhead_pct']:+.1f}%"
     )

@@ -1,0 +1,128 @@
+"""CUDA checks that the CPU test suite cannot make: each prints PASS or FAIL with its numbers.
+
+Run by scripts/gpu_check.sh on a machine with a GPU; exits 1 when any check fails.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from contrastseg.benchmarks.train_step import block_labels
+from contrastseg.config import load_config
+from contrastseg.engine.metrics import ConfusionMatrix
+from contrastseg.losses import LossSet
+from contrastseg.losses.memory import ClassMemory
+from contrastseg.losses.pixel_contrast import PixelContrastLoss, contrast_loss, sample_anchors
+from contrastseg.models import build_model
+
+FAILED: list[str] = []
+
+
+def check(name: str, ok: bool, detail: str) -> None:
+    print(f"{'PASS' if ok else 'FAIL'} {name}: {detail}", flush=True)
+    if not ok:
+        FAILED.append(name)
+
+
+def contrast_cuda_equals_cpu() -> None:
+    g = torch.Generator().manual_seed(0)
+    embed = F.normalize(torch.randn(2, 32, 32, 64, generator=g, dtype=torch.float64), dim=1)
+    target = block_labels(2, 32, 64, 19, seed=1)
+    pred = torch.where(torch.rand(target.shape, generator=g) < 0.2, (target + 1) % 19, target)
+    feats, labels, _ = sample_anchors(embed, pred, target, 1024, 20, generator=g)
+    bank = F.normalize(torch.randn(3000, 32, generator=g, dtype=torch.float64), dim=1)
+    bank_labels = torch.randint(0, 19, (3000,), generator=g)
+    cpu = contrast_loss(feats, labels, 0.1, 0.07, bank, bank_labels)
+    gpu = contrast_loss(feats.cuda(), labels.cuda(), 0.1, 0.07, bank.cuda(), bank_labels.cuda())
+    err = abs(cpu.item() - gpu.item())
+    check("contrast loss CUDA == CPU (float64, with bank)", err < 1e-9, f"|diff| = {err:.2e}")
+
+
+def contrast_under_autocast() -> None:
+    for dtype in (torch.bfloat16, torch.float16):
+        memory = ClassMemory(19, dim=256, pixel_size=2000, region_size=500).cuda()
+        loss_fn = PixelContrastLoss(19, memory=memory, memory_sampling="semi_hard").cuda()
+        embed = F.normalize(torch.randn(2, 256, 128, 256, device="cuda"), dim=1).requires_grad_()
+        seg = torch.randn(2, 19, 128, 256, device="cuda")
+        target = block_labels(2, 512, 1024, 19).cuda()
+        values = []
+        for _ in range(3):
+            with torch.autocast("cuda", dtype=dtype):
+                loss = loss_fn(embed.to(dtype), seg.to(dtype), target)
+            loss.backward()
+            values.append(loss.item())
+        finite = all(torch.isfinite(torch.tensor(values))) and torch.isfinite(embed.grad).all()
+        check(
+            f"contrast loss + memory under {dtype} autocast",
+            bool(finite) and loss.dtype == torch.float32,
+            f"losses {[round(v, 4) for v in values]}, dtype {loss.dtype}",
+        )
+
+
+def confusion_cuda_equals_cpu() -> None:
+    g = torch.Generator().manual_seed(3)
+    target = torch.randint(0, 19, (4, 256, 512), generator=g)
+    target[torch.rand(target.shape, generator=g) < 0.1] = 255
+    pred = torch.randint(0, 19, (4, 256, 512), generator=g)
+    a, b = ConfusionMatrix(19), ConfusionMatrix(19, "cuda")
+    a.update(pred, target)
+    b.update(pred.cuda(), target.cuda())
+    check("confusion matrix CUDA == CPU", torch.equal(a.mat, b.mat.cpu()), "exact")
+
+
+def amp_train_steps(stem: str, amp: str, steps: int = 3) -> None:
+    cfg = load_config(
+        f"configs/cityscapes/{stem}_contrast.yaml", ["model.backbone.pretrained=false"]
+    )
+    model = build_model(cfg.model, 19, with_projection=True).cuda().train()
+    losses = LossSet(cfg.loss, 19, embed_dim=cfg.model.projection_dim).cuda()
+    optim = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+    image = torch.randn(2, 3, 512, 1024, device="cuda")
+    target = block_labels(2, 512, 1024, 19).cuda()
+    torch.cuda.reset_peak_memory_stats()
+    values = []
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        with torch.autocast("cuda", dtype=dtype):
+            terms = losses(model(image), target, step=10**9)
+        optim.zero_grad(set_to_none=True)
+        scaler.scale(terms["total"]).backward()
+        scaler.step(optim)
+        scaler.update()
+        values.append({k: round(v.item(), 4) for k, v in terms.items()})
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - t0) / steps
+    finite = all(torch.isfinite(torch.tensor(list(v.values()))).all() for v in values)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    check(
+        f"{amp} train steps {stem} + contrast, 2x512x1024",
+        bool(finite) and "contrast" in values[-1],
+        f"last terms {values[-1]}, {seconds:.3f} s/step incl. warm-up, peak {peak:.2f} GiB",
+    )
+    del model, losses, optim
+    torch.cuda.empty_cache()
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("FAIL no CUDA device")
+        return 1
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
+    contrast_cuda_equals_cpu()
+    contrast_under_autocast()
+    confusion_cuda_equals_cpu()
+    for stem in ("hrnetv2_w48", "deeplabv3_resnet101"):
+        for amp in ("bf16", "fp16"):
+            amp_train_steps(stem, amp)
+    print(f"{len(FAILED)} failed: {FAILED}" if FAILED else "all GPU checks passed", flush=True)
+    return 1 if FAILED else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
