@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from contrastseg.errors import ContrastSegError
+from contrastseg.errors import ContrastSegError, TrainingInterrupted
 
 app = typer.Typer(
     add_completion=False,
@@ -225,6 +225,9 @@ def main() -> None:
         code = app(standalone_mode=False)  # a command's typer.Exit(n) comes back as n here
         if isinstance(code, int) and code:
             sys.exit(code)
+    except TrainingInterrupted as err:
+        typer.secho(str(err), fg="yellow", err=True)
+        sys.exit(128 + err.signum)
     except ContrastSegError as err:
         typer.secho(f"error: {err}", fg="red", err=True)
         sys.exit(2)

@@ -149,6 +149,11 @@ class ModelConfig(_Section):
 class CrossEntropyConfig(_Section):
     weight: float = Field(1.0, ge=0.0)
     aux_weight: float = Field(0.4, ge=0.0)
+    # OHEM on the main head (the auxiliary CE stays plain): keep the labelled pixels whose
+    # probability of the true class is below ohem_threshold, and at least ohem_min_kept of them
+    ohem: bool = False
+    ohem_threshold: float = Field(0.7, gt=0.0, le=1.0)
+    ohem_min_kept: int = Field(100000, ge=1)
 
 
 class MemoryConfig(_Section):
@@ -175,9 +180,68 @@ class ContrastConfig(_Section):
     memory: MemoryConfig = MemoryConfig()
 
 
+class LovaszConfig(_Section):
+    """Lovasz-softmax (docs/losses.md): mean over the classes present (or all), per batch or
+    averaged over images."""
+
+    enabled: bool = False
+    weight: float = Field(1.0, ge=0.0)
+    warmup_iters: int = Field(0, ge=0)
+    per_image: bool = False
+    classes: Literal["present", "all"] = "present"
+
+
+class RMIConfig(_Section):
+    """Region mutual information (docs/losses.md); the term is bce_weight x BCE + rmi_weight x
+    RMI. Pooling: kernel = stride = pool_size (1: none)."""
+
+    enabled: bool = False
+    weight: float = Field(1.0, ge=0.0)
+    warmup_iters: int = Field(0, ge=0)
+    radius: int = Field(3, ge=1, le=10)
+    pool: Literal["avg", "max"] = "avg"
+    pool_size: int = Field(4, ge=1)
+    alpha: float = Field(5e-4, gt=0.0)
+    bce_weight: float = Field(0.5, ge=0.0)
+    rmi_weight: float = Field(0.5, ge=0.0)
+
+
+class AAFConfig(_Section):
+    """Adaptive affinity fields (docs/losses.md). The adaptive (classes x distances) weights are
+    trained by gradient ascent with the model's SGD (learning rate x lr_mult, no weight decay);
+    the loss decays as 10^(-step / decay_steps), decay_steps = train.iters when null."""
+
+    enabled: bool = False
+    weight: float = Field(1.0, ge=0.0)
+    warmup_iters: int = Field(0, ge=0)
+    distances: tuple[int, ...] = (1, 2, 3)
+    margin: float = Field(3.0, ge=0.0)
+    # initial weights of the distances (after the softmax), the same for every class and for
+    # edge and non-edge; null: uniform
+    init_weights: tuple[float, ...] | None = None
+    decay_steps: int | None = Field(None, ge=1)
+    lr_mult: float = Field(1.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> AAFConfig:
+        d = self.distances
+        if not d or min(d) < 1 or len(set(d)) != len(d):
+            raise ValueError(f"loss.aaf.distances must be distinct integers >= 1, got {d}")
+        w = self.init_weights
+        if w is not None and (len(w) != len(d) or min(w) <= 0):
+            raise ValueError(
+                f"loss.aaf.init_weights must be {len(d)} positive numbers (one per distance), "
+                f"got {w}"
+            )
+        return self
+
+
 class LossConfig(_Section):
     ce: CrossEntropyConfig = CrossEntropyConfig()
     contrast: ContrastConfig = ContrastConfig()
+    lovasz: LovaszConfig = LovaszConfig()
+    rmi: RMIConfig = RMIConfig()
+    aaf: AAFConfig = AAFConfig()
 
 
 class OptimConfig(_Section):
@@ -204,6 +268,7 @@ class TrainConfig(_Section):
     threads: int = Field(0, ge=0)
     amp: Literal["off", "bf16", "fp16"] = "off"
     sync_bn: bool = True  # SyncBatchNorm under DDP
+    max_bad_steps: int = Field(5, ge=1)  # consecutive non-finite steps before stopping
     channels_last: bool = False
     compile: bool = False
 

@@ -15,3 +15,23 @@ class DataError(ContrastSegError):
 
 class CheckpointError(ContrastSegError):
     """A checkpoint is missing, truncated or does not fit the model."""
+
+
+class TrainingError(ContrastSegError):
+    """Training cannot go on (e.g. repeated non-finite losses); a checkpoint was written."""
+
+
+class TrainingInterrupted(ContrastSegError):
+    """SIGTERM or SIGINT arrived; a checkpoint was written and ``--resume`` continues."""
+
+    def __init__(self, signum: int, iteration: int, path) -> None:
+        import signal
+
+        self.signum = signum
+        self.iteration = iteration
+        self.path = path
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"{name} received: stopped at iteration {iteration} after writing {path}; "
+            "run the same command with --resume to continue"
+        )

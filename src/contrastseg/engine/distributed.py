@@ -52,6 +52,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_processes_agree(flag: bool, device: torch.device) -> bool:
+    """True only when ``flag`` holds in every process (one all-reduce under DDP)."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([0.0 if flag else 1.0], device=device)
+    all_reduce_sum(t)
+    return bool(t.item() == 0)
+
+
 def mean_over_processes(values: dict[str, float], device: torch.device) -> dict[str, float]:
     """Average a dict of floats over processes (for logging)."""
     if not is_distributed():

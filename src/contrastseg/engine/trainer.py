@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from contrastseg.config import ExperimentConfig, OptimConfig, save_config
 from contrastseg.engine import checkpoint as ckpt
 from contrastseg.engine.builders import build_eval_dataset, build_train_dataset
 from contrastseg.engine.distributed import (
+    all_processes_agree,
     convert_sync_batchnorm,
     init_distributed,
     mean_over_processes,
@@ -26,12 +28,21 @@ from contrastseg.engine.evaluator import evaluate, format_table, write_eval_json
 from contrastseg.engine.progress import TrainProgress
 from contrastseg.engine.runtime import environment_info, resolve_device, seed_everything
 from contrastseg.engine.sampling import EpochIndexed, IterationBatchSampler
-from contrastseg.errors import CheckpointError
+from contrastseg.engine.signals import StopSignal
+from contrastseg.errors import CheckpointError, TrainingError, TrainingInterrupted
 from contrastseg.losses import LossSet
 from contrastseg.models import build_model
 from contrastseg.viz.figures import save_prediction_figure
 
 log = logging.getLogger("contrastseg")
+
+
+def gradients_finite(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every gradient the optimiser would apply is finite (one host sync)."""
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
 def poly_lr(cfg: OptimConfig, it: int, total: int) -> float:
@@ -209,12 +220,20 @@ class Trainer:
             # Each loss casts what it needs to float32 (CE) or runs outside autocast (contrast).
             terms = self.loss_set(outputs, target, self.iteration, batch["index"].to(self.device))
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(terms["total"]).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        finite = all_processes_agree(bool(torch.isfinite(terms["total"])), self.device)
+        if finite:
+            self.scaler.scale(terms["total"]).backward()
+            if not self.scaler.is_enabled():  # fp16's scaler skips non-finite steps itself
+                finite = gradients_finite(self.optimizer)
+        if finite:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
         self.iteration += 1
         values = {k: float(v.detach()) for k, v in terms.items()}
         values["lr"] = lr
+        values["skipped"] = float(not finite)
         return values
 
     def fit(self) -> TrainResult:
@@ -234,10 +253,30 @@ class Trainer:
         total = cfg.train.iters
         start_iter = self.iteration
         t_last, it_last = time.perf_counter(), self.iteration
-        with TrainProgress(total, self.iteration, enabled=self.progress and main) as bar:
+        bad_steps = 0
+        stop = StopSignal()
+        with stop, TrainProgress(total, self.iteration, enabled=self.progress and main) as bar:
             for batch in self._loader():
                 values = self.train_step(batch)
                 bar.advance(values)
+                if values["skipped"]:
+                    bad_steps += 1
+                    log.warning(
+                        "iteration %d: non-finite loss or gradient, step skipped (%d in a row): %s",
+                        self.iteration,
+                        bad_steps,
+                        {k: v for k, v in values.items() if k != "skipped"},
+                    )
+                    if bad_steps >= cfg.train.max_bad_steps:
+                        path = self.save_checkpoint()
+                        raise TrainingError(
+                            f"{bad_steps} consecutive non-finite steps up to iteration "
+                            f"{self.iteration}; stopped. {path} holds the last good weights "
+                            "(skipped steps change nothing). Lower optim.lr, use train.amp=off "
+                            "or bf16, or check the data, then resume with --resume."
+                        )
+                else:
+                    bad_steps = 0
                 if self.iteration % cfg.train.log_every == 0 or self.iteration == total:
                     values = mean_over_processes(values, self.device)
                     now = time.perf_counter()
@@ -252,6 +291,11 @@ class Trainer:
                         log.warning("non-finite value at iteration %d: %s", self.iteration, values)
                 if self.iteration % cfg.train.checkpoint_every == 0 and self.iteration < total:
                     self.save_checkpoint()
+                # Any process's signal stops all of them (one all-reduce under DDP).
+                stopping = not all_processes_agree(stop.received is None, self.device)
+                if stopping and self.iteration < total:
+                    path = self.save_checkpoint()
+                    raise TrainingInterrupted(stop.received or signal.SIGTERM, self.iteration, path)
                 if cfg.train.eval_every and self.iteration % cfg.train.eval_every == 0:
                     self._evaluate(writer, final=False)
         if self.iteration > start_iter or not ckpt.list_checkpoints(self.ckpt_dir):
