@@ -126,7 +126,26 @@ def _distributed_world(group) -> int:
     return dist.get_world_size(group)
 
 
-class ClassMemory(nn.Module):
+class SeededModule(nn.Module):
+    """A module that draws from its own :class:`LazyGenerator` ``self._rng``, whose state is
+    saved in ``state_dict`` (as extra state), so checkpoints resume the same random draws."""
+
+    _rng: LazyGenerator
+
+    def generator_state(self) -> Tensor:
+        return self._rng.state()
+
+    def load_generator_state(self, state: Tensor | None) -> None:
+        self._rng.load_state(state)
+
+    def get_extra_state(self) -> Tensor:
+        return self._rng.state()
+
+    def set_extra_state(self, state) -> None:
+        self._rng.load_state(state)
+
+
+class ClassMemory(SeededModule):
     """Per-class pixel queue and region memory of detached, L2-normalised embeddings.
 
     Args:
@@ -215,20 +234,6 @@ class ClassMemory(nn.Module):
             f"region_size={self.region_size}, num_images={self.num_images}, "
             f"dtype={self.pixel_queue.dtype}"
         )
-
-    # ----------------------------------------------------------------------------- state
-    def generator_state(self) -> Tensor:
-        """State of the memory's own generator (used when :meth:`push` gets none)."""
-        return self._rng.state()
-
-    def load_generator_state(self, state: Tensor | None) -> None:
-        self._rng.load_state(state)
-
-    def get_extra_state(self) -> Tensor:
-        return self._rng.state()
-
-    def set_extra_state(self, state) -> None:
-        self._rng.load_state(state)
 
     # ------------------------------------------------------------------------------ read
     def bank(self, dtype: torch.dtype | None = torch.float32) -> tuple[Tensor, Tensor]:

@@ -22,10 +22,15 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from contrastseg.errors import ConfigError
-from contrastseg.losses.memory import ClassMemory, LazyGenerator, random_group_ranks
+from contrastseg.losses.memory import (
+    ClassMemory,
+    LazyGenerator,
+    SeededModule,
+    random_group_ranks,
+)
 
 __all__ = [
     "MEMORY_SAMPLING_MODES",
@@ -582,7 +587,7 @@ def select_from_bank(
 
 
 # ================================================================================== module
-class PixelContrastLoss(nn.Module):
+class PixelContrastLoss(SeededModule):
     """Pixel contrast with segment-aware hard anchors and an optional cross-image memory.
 
     ``forward(embed (B, D, h, w), seg_logits (B, C, h', w'), target (B, H, W), image_ids=None)``:
@@ -657,18 +662,6 @@ class PixelContrastLoss(nn.Module):
             f"base_temperature={self.base_temperature}, max_samples={self.max_samples}, "
             f"max_views={self.max_views}, memory_sampling={self.memory_sampling!r}"
         )
-
-    def generator_state(self) -> Tensor:
-        return self._rng.state()
-
-    def load_generator_state(self, state: Tensor | None) -> None:
-        self._rng.load_state(state)
-
-    def get_extra_state(self) -> Tensor:
-        return self._rng.state()
-
-    def set_extra_state(self, state) -> None:
-        self._rng.load_state(state)
 
     def grid_labels(self, target: Tensor, size: tuple[int, int]) -> Tensor:
         """Labels resized to ``size`` by nearest neighbour; non-class labels -> ignore."""
