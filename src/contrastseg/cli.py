@@ -165,6 +165,28 @@ def bench_train(
     typer.echo(format_table1(rows))
 
 
+@bench_app.command("losses")
+def bench_losses(
+    batch: Annotated[int, typer.Option(help="Batch size.")] = 2,
+    height: Annotated[int, typer.Option(help="Label height.")] = 512,
+    width: Annotated[int, typer.Option(help="Label width.")] = 1024,
+    classes: Annotated[int, typer.Option(help="Number of classes.")] = 19,
+    stride: Annotated[int, typer.Option(help="Stride of the logits (HRNetV2: 4).")] = 4,
+    repeats: Annotated[int, typer.Option(help="Timed repeats of each (median).")] = 3,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    threads: Annotated[int, typer.Option(help="CPU threads (0: torch's default).")] = 0,
+) -> None:
+    """Table 2 losses, forward+backward at a Cityscapes crop: ms and ratio to CE."""
+    import torch
+
+    from contrastseg.benchmarks.losses import format_losses_benchmark, run_losses_benchmark
+
+    if threads:
+        torch.set_num_threads(threads)
+    result = run_losses_benchmark(batch, (height, width), classes, stride, repeats, device)
+    typer.echo(format_losses_benchmark(result))
+
+
 @data_app.command("check")
 def data_check(
     config: Annotated[Path, typer.Argument(help="Experiment YAML file (its data section).")],

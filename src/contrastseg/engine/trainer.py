@@ -104,9 +104,12 @@ class Trainer:
             embed_dim=cfg.model.projection_dim,
             seed=cfg.train.seed,
             num_images=len(self.train_set),
+            total_iters=cfg.train.iters,
         ).to(self.device)
+        # The loss set's own parameters (AAF's adaptive weights, trained by gradient ascent
+        # through a reversed gradient) join as a second group with their own lr_mult.
         self.optimizer = torch.optim.SGD(
-            self.model.parameters(),
+            [{"params": list(self.model.parameters())}, *self.loss_set.optimizer_groups()],
             lr=cfg.optim.lr,
             momentum=cfg.optim.momentum,
             weight_decay=cfg.optim.weight_decay,
@@ -207,7 +210,7 @@ class Trainer:
         """One SGD step on a batch; returns the loss terms as floats."""
         lr = poly_lr(self.cfg.optim, self.iteration, self.cfg.train.iters)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_mult", 1.0)
         dtype = next(self.model.parameters()).dtype  # float32, or float64 in exactness tests
         image = batch["image"].to(self.device, dtype=dtype, non_blocking=True)
         if self.cfg.train.channels_last:
@@ -223,6 +226,7 @@ class Trainer:
         finite = all_processes_agree(bool(torch.isfinite(terms["total"])), self.device)
         if finite:
             self.scaler.scale(terms["total"]).backward()
+            self.loss_set.sync_gradients()  # DDP: the loss's own parameters are outside DDP
             if not self.scaler.is_enabled():  # fp16's scaler skips non-finite steps itself
                 finite = gradients_finite(self.optimizer)
         if finite:

@@ -1,6 +1,19 @@
-"""Losses: cross-entropy, pixel contrast and the loss set that combines them."""
+"""Losses: cross-entropy (and OHEM-CE), pixel contrast, the Table 2 comparison losses
+(Lovasz-softmax, RMI, AAF) and the loss set that combines them."""
 
+from contrastseg.losses.aaf import AAFLoss, aaf_loss
 from contrastseg.losses.cross_entropy import cross_entropy
 from contrastseg.losses.loss_set import LossSet
+from contrastseg.losses.lovasz import lovasz_softmax
+from contrastseg.losses.ohem import ohem_cross_entropy
+from contrastseg.losses.rmi import rmi_loss
 
-__all__ = ["LossSet", "cross_entropy"]
+__all__ = [
+    "AAFLoss",
+    "LossSet",
+    "aaf_loss",
+    "cross_entropy",
+    "lovasz_softmax",
+    "ohem_cross_entropy",
+    "rmi_loss",
+]

@@ -7,7 +7,11 @@ from torch import nn
 
 from contrastseg.config import LossConfig
 from contrastseg.engine.distributed import all_reduce_sum, is_distributed
+from contrastseg.losses.aaf import AAFLoss
 from contrastseg.losses.cross_entropy import cross_entropy
+from contrastseg.losses.lovasz import lovasz_softmax
+from contrastseg.losses.ohem import ohem_mask
+from contrastseg.losses.rmi import rmi_loss
 
 
 def global_pixel_normalizer(target: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
@@ -24,8 +28,12 @@ class LossSet(nn.Module):
 
     outputs: the model's training dict (``seg``, optional ``aux`` and ``embed``);
     target: (B, H, W) int64, ignore = ``ignore_index``; step: the 0-based iteration.
-    Terms are logged unweighted; ``total`` is the weighted sum. State (contrast memory and its
-    random generator) is part of ``state_dict`` and so of checkpoints.
+    Terms: ``ce`` (OHEM-CE with ``loss.ce.ohem``), ``aux_ce``, and each enabled loss past its
+    warm-up (``lovasz``, ``rmi``, ``aaf``, ``contrast``), all on ``seg``; a term in its warm-up
+    is not computed at all. Terms are logged unweighted; ``total`` is the weighted sum. State
+    (contrast memory and its random generator, AAF's adaptive weights) is part of
+    ``state_dict`` and so of checkpoints. ``total_iters`` is AAF's decay length when
+    ``loss.aaf.decay_steps`` is null (the trainer passes ``train.iters``).
     """
 
     def __init__(
@@ -36,11 +44,23 @@ class LossSet(nn.Module):
         ignore_index: int = 255,
         seed: int = 0,
         num_images: int | None = None,
+        total_iters: int | None = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
         self.ignore_index = ignore_index
         self.contrast: nn.Module | None = None
+        self.aaf: AAFLoss | None = None
+        if cfg.aaf.enabled:
+            a = cfg.aaf
+            self.aaf = AAFLoss(
+                num_classes,
+                distances=a.distances,
+                margin=a.margin,
+                init_weights=a.init_weights,
+                decay_steps=a.decay_steps or total_iters,
+                ignore_index=ignore_index,
+            )
         c = cfg.contrast
         if c.enabled:
             from contrastseg.losses.memory import ClassMemory
@@ -76,6 +96,36 @@ class LossSet(nn.Module):
     def contrast_active(self, step: int) -> bool:
         return self.contrast is not None and step >= self.cfg.contrast.warmup_iters
 
+    def active(self, name: str, step: int) -> bool:
+        """Whether term ``name`` (``lovasz``, ``rmi``, ``aaf``, ``contrast``) is computed at
+        ``step``: enabled and past its ``warmup_iters``."""
+        section = getattr(self.cfg, name)
+        return section.enabled and step >= section.warmup_iters
+
+    def optimizer_groups(self) -> list[dict]:
+        """Parameter groups of the loss's own trainable parameters (AAF's adaptive weights:
+        no weight decay, learning rate x ``loss.aaf.lr_mult``); empty when there are none."""
+        if self.aaf is None:
+            return []
+        return [
+            {
+                "params": list(self.aaf.parameters()),
+                "weight_decay": 0.0,
+                "lr_mult": self.cfg.aaf.lr_mult,
+            }
+        ]
+
+    def sync_gradients(self) -> None:
+        """Under DDP: average the gradients of the loss's parameters over the processes (they
+        are outside the DDP model); a no-op in one process."""
+        if not is_distributed():
+            return
+        world = torch.distributed.get_world_size()
+        for p in self.parameters():
+            if p.grad is not None:
+                all_reduce_sum(p.grad)
+                p.grad /= world
+
     def forward(
         self,
         outputs: dict[str, torch.Tensor],
@@ -85,13 +135,42 @@ class LossSet(nn.Module):
     ) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         norm = global_pixel_normalizer(target, self.ignore_index)
-        terms: dict[str, torch.Tensor] = {
-            "ce": cross_entropy(outputs["seg"], target, self.ignore_index, norm)
-        }
+        seg = outputs["seg"]
+        if cfg.ce.ohem:
+            keep = ohem_mask(
+                seg, target, cfg.ce.ohem_threshold, cfg.ce.ohem_min_kept, self.ignore_index
+            )
+            kept = torch.where(keep, target, self.ignore_index)
+            kept_norm = global_pixel_normalizer(kept, self.ignore_index)
+            ce = cross_entropy(seg, kept, self.ignore_index, kept_norm)
+        else:
+            ce = cross_entropy(seg, target, self.ignore_index, norm)
+        terms: dict[str, torch.Tensor] = {"ce": ce}
         total = cfg.ce.weight * terms["ce"]
         if "aux" in outputs:
             terms["aux_ce"] = cross_entropy(outputs["aux"], target, self.ignore_index, norm)
             total = total + cfg.ce.aux_weight * terms["aux_ce"]
+        if self.active("lovasz", step):
+            c = cfg.lovasz
+            terms["lovasz"] = lovasz_softmax(seg, target, c.classes, c.per_image, self.ignore_index)
+            total = total + c.weight * terms["lovasz"]
+        if self.active("rmi", step):
+            c = cfg.rmi
+            terms["rmi"] = rmi_loss(
+                seg,
+                target,
+                radius=c.radius,
+                pool=c.pool,
+                pool_size=c.pool_size,
+                alpha=c.alpha,
+                bce_weight=c.bce_weight,
+                rmi_weight=c.rmi_weight,
+                ignore_index=self.ignore_index,
+            )
+            total = total + c.weight * terms["rmi"]
+        if self.aaf is not None and self.active("aaf", step):
+            terms["aaf"] = self.aaf(seg, target, step)
+            total = total + cfg.aaf.weight * terms["aaf"]
         if "embed" in outputs:
             if self.contrast_active(step):
                 terms["contrast"] = self.contrast(
