@@ -102,7 +102,7 @@ class Trainer:
             cfg.loss,
             self.num_classes,
             embed_dim=cfg.model.projection_dim,
-            seed=cfg.train.seed,
+            seed=cfg.train.seed + self.dist.rank,  # each process draws its own anchors
             num_images=len(self.train_set),
             total_iters=cfg.train.iters,
         ).to(self.device)
