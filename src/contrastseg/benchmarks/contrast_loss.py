@@ -9,13 +9,11 @@ forward + backward of both on random data with a realistic block structure.
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from contrastseg.benchmarks.timing import interleaved_median_ms
 from contrastseg.losses.pixel_contrast import PixelContrastLoss
 
 __all__ = [
@@ -147,28 +145,6 @@ def make_benchmark_batch(
     return embed.to(device), seg_logits.to(device), target.to(device)
 
 
-def _time_pair_ms(fns, device: torch.device, repeats: int) -> list[float]:
-    """Median wall time of each function; one warm-up each, then the functions alternate so
-    that both see the same machine load."""
-
-    def once(fn) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return (time.perf_counter() - t0) * 1000.0
-
-    for fn in fns:
-        once(fn)  # warm-up
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, acc in zip(fns, times, strict=True):
-            acc.append(once(fn))
-    return [statistics.median(acc) for acc in times]
-
-
 def run_loss_benchmark(
     batch_sizes=(2, 8),
     grids=((128, 256), (64, 128)),
@@ -203,7 +179,7 @@ def run_loss_benchmark(
                 loop_reference_loss(embed, seg_logits, target, generator=gen).backward()
                 embed.grad = None
 
-            ms_vec, ms_loop = _time_pair_ms([vectorised, loop], device, repeats)
+            ms_vec, ms_loop = interleaved_median_ms([vectorised, loop], device, repeats)
             rows.append(
                 {
                     "batch": batch,

@@ -8,14 +8,13 @@ AAF, to its adaptive weights). Labels have a block structure with a few ignored 
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from contrastseg.benchmarks.timing import interleaved_median_ms
 from contrastseg.losses.aaf import AAFLoss
 from contrastseg.losses.cross_entropy import cross_entropy
 from contrastseg.losses.lovasz import lovasz_softmax
@@ -49,28 +48,6 @@ def make_losses_batch(
     logits = 2.0 * F.one_hot(grid_labels, num_classes).permute(0, 3, 1, 2).float()
     logits = logits + torch.randn(batch, num_classes, h, w, generator=gen)
     return logits.to(device), target.to(device)
-
-
-def _time_ms(fns: list[Callable[[], None]], device: torch.device, repeats: int) -> list[float]:
-    """Median wall time of each function: one warm-up each, then the functions alternate so
-    that all of them see the same machine load."""
-
-    def once(fn) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return (time.perf_counter() - t0) * 1000.0
-
-    for fn in fns:
-        once(fn)
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, acc in zip(fns, times, strict=True):
-            acc.append(once(fn))
-    return [statistics.median(acc) for acc in times]
 
 
 def run_losses_benchmark(
@@ -108,7 +85,7 @@ def run_losses_benchmark(
 
         return run
 
-    ms = _time_ms([step(fn) for fn in losses.values()], device, repeats)
+    ms = interleaved_median_ms([step(fn) for fn in losses.values()], device, repeats)
     base = ms[0]
     rows = [
         {"loss": name, "ms": t, "ratio": t / base if base > 0 else float("inf")}

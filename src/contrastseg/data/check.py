@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from contrastseg.data.folder import load_image, load_mask
+from contrastseg.data.indexing import check_index
 from contrastseg.errors import DataError
 
 IGNORE_INDEX = 255
@@ -181,14 +182,7 @@ class PairedSource:
         return len(self._names)
 
     def _check_index(self, index: int) -> int:
-        if isinstance(index, bool) or not isinstance(index, int | np.integer):
-            raise TypeError(f"sample index must be an integer, got {type(index).__name__}")
-        index = int(index)
-        if index < 0:
-            index += len(self._names)
-        if not 0 <= index < len(self._names):
-            raise IndexError(f"sample index {index} out of range for {len(self._names)} samples")
-        return index
+        return check_index(index, len(self._names))
 
     def name(self, index: int) -> str:
         return self._names[self._check_index(index)]

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from contrastseg.data.indexing import check_index
 from contrastseg.data.palettes import default_palette
 from contrastseg.errors import DataError
 
@@ -177,14 +178,7 @@ class FolderDataset:
         return len(self._names)
 
     def _check_index(self, index: int) -> int:
-        if isinstance(index, bool) or not isinstance(index, int | np.integer):
-            raise TypeError(f"sample index must be an integer, got {type(index).__name__}")
-        index = int(index)
-        if index < 0:
-            index += len(self._names)
-        if not 0 <= index < len(self._names):
-            raise IndexError(f"sample index {index} out of range for {len(self._names)} samples")
-        return index
+        return check_index(index, len(self._names))
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         index = self._check_index(index)
