@@ -28,26 +28,17 @@ per offset. Peak memory is a few ``(B, 2C, H, W)`` tensors whatever the number o
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from contrastseg.errors import ConfigError
-from contrastseg.losses.cross_entropy import upsample_to
+from contrastseg.losses.cross_entropy import autocast_off, check_logits_target, upsample_to
 
 __all__ = ["AAFLoss", "aaf_loss", "aaf_masks", "aaf_terms", "neighbour_offsets", "reverse_grad"]
 
 PROB_MIN = 1e-4
 PROB_MAX = 1.0
-
-
-def _autocast_off(device_type: str):
-    try:
-        return torch.autocast(device_type=device_type, enabled=False)
-    except RuntimeError:  # a device type autocast does not know
-        return contextlib.nullcontext()
 
 
 def neighbour_offsets(distance: int) -> list[tuple[int, int]]:
@@ -219,12 +210,8 @@ def aaf_terms(
     """The unweighted AAF sums: ``acc (S, 2, B, H, W)`` (per centre pixel and distance, the sum
     of its edge and of its non-edge terms over its 8 neighbours), ``counts (S, 2)`` (edge and
     non-edge entries) and the labels with ignored pixels set to 0 ``(B, H, W)``."""
-    if logits.dim() != 4 or target.dim() != 3 or logits.shape[0] != target.shape[0]:
-        raise ConfigError(
-            f"logits must be (B, C, h, w) and target (B, H, W); got {tuple(logits.shape)} and "
-            f"{tuple(target.shape)}"
-        )
-    with _autocast_off(logits.device.type):
+    check_logits_target(logits, target)
+    with autocast_off(logits.device.type):
         x = upsample_to(logits, tuple(target.shape[-2:]))
         x = x.to(torch.promote_types(x.dtype, torch.float32))
         probs = x.softmax(1)
@@ -256,7 +243,7 @@ def aaf_loss(
         if tuple(wt.shape) != (C, S):
             raise ConfigError(f"{name} must have shape (C, S) = {(C, S)}; got {tuple(wt.shape)}")
     acc, counts, safe = aaf_terms(logits, target, distances, margin, ignore_index)
-    with _autocast_off(acc.device.type):
+    with autocast_off(acc.device.type):
         norm = counts.clamp(min=1).to(acc.dtype)  # (S, 2)
         w_edge = edge_weights.to(acc.dtype).T[:, safe]  # (S, B, H, W): the centre's class
         w_nonedge = nonedge_weights.to(acc.dtype).T[:, safe]

@@ -2,8 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+
+from contrastseg.errors import ConfigError
+
+
+def autocast_off(device_type: str):
+    """A context in which autocast is disabled (a no-op for device types autocast lacks)."""
+    try:
+        return torch.autocast(device_type=device_type, enabled=False)
+    except RuntimeError:
+        return contextlib.nullcontext()
+
+
+def check_logits_target(logits: torch.Tensor, target: torch.Tensor) -> None:
+    """Raise ConfigError unless logits is (B, C, h, w) and target (B, H, W) with the same B."""
+    if logits.dim() != 4 or target.dim() != 3 or logits.shape[0] != target.shape[0]:
+        raise ConfigError(
+            f"logits must be (B, C, h, w) and target (B, H, W); got {tuple(logits.shape)} and "
+            f"{tuple(target.shape)}"
+        )
 
 
 def upsample_to(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -14,24 +14,15 @@ classes and the images (no Python loop).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import Tensor
 
 from contrastseg.errors import ConfigError
-from contrastseg.losses.cross_entropy import upsample_to
+from contrastseg.losses.cross_entropy import autocast_off, check_logits_target, upsample_to
 
 __all__ = ["LOVASZ_CLASSES", "lovasz_grad", "lovasz_softmax", "lovasz_softmax_flat"]
 
 LOVASZ_CLASSES = ("present", "all")
-
-
-def _autocast_off(device_type: str):
-    try:
-        return torch.autocast(device_type=device_type, enabled=False)
-    except RuntimeError:  # a device type autocast does not know
-        return contextlib.nullcontext()
 
 
 def check_classes(classes: str, key: str = "classes") -> str:
@@ -102,12 +93,8 @@ def lovasz_softmax(
     when no pixel is labelled.
     """
     check_classes(classes)
-    if logits.dim() != 4 or target.dim() != 3 or logits.shape[0] != target.shape[0]:
-        raise ConfigError(
-            f"logits must be (B, C, h, w) and target (B, H, W); got {tuple(logits.shape)} and "
-            f"{tuple(target.shape)}"
-        )
-    with _autocast_off(logits.device.type):
+    check_logits_target(logits, target)
+    with autocast_off(logits.device.type):
         x = upsample_to(logits, tuple(target.shape[-2:]))
         x = x.to(torch.promote_types(x.dtype, torch.float32))
         B, C = x.shape[:2]

@@ -8,22 +8,13 @@ without gradient; the probabilities are computed in at least float32 with autoca
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import Tensor
 
 from contrastseg.errors import ConfigError
-from contrastseg.losses.cross_entropy import cross_entropy, upsample_to
+from contrastseg.losses.cross_entropy import autocast_off, cross_entropy, upsample_to
 
 __all__ = ["ohem_cross_entropy", "ohem_mask"]
-
-
-def _autocast_off(device_type: str):
-    try:
-        return torch.autocast(device_type=device_type, enabled=False)
-    except RuntimeError:  # a device type autocast does not know
-        return contextlib.nullcontext()
 
 
 def _check(threshold: float, min_kept: int) -> None:
@@ -49,7 +40,7 @@ def ohem_mask(
     ``p_(k)`` are all kept). One host sync.
     """
     _check(threshold, min_kept)
-    with _autocast_off(logits.device.type):
+    with autocast_off(logits.device.type):
         x = upsample_to(logits.detach(), tuple(target.shape[-2:]))
         x = x.to(torch.promote_types(x.dtype, torch.float32))
         t = target.to(x.device, torch.long)

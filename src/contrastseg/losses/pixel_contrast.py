@@ -17,7 +17,6 @@ disabled, whatever the input dtype; randomness comes only from ``torch.Generator
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from contrastseg.errors import ConfigError
+from contrastseg.losses.cross_entropy import autocast_off
 from contrastseg.losses.memory import (
     ClassMemory,
     LazyGenerator,
@@ -48,13 +48,6 @@ LOSS_CHUNK_ELEMENTS = 1 << 21
 LOSS_CHUNK_ELEMENTS_GPU = 1 << 23
 SELECT_CHUNK_ELEMENTS = 1 << 24  # 16 Mi elements: 64 MiB per float32 chunk x M matrix
 GATHER_CHUNK_ELEMENTS = 1 << 24  # gathered (chunk, K, D) bank rows
-
-
-def _autocast_off(device_type: str):
-    try:
-        return torch.autocast(device_type=device_type, enabled=False)
-    except RuntimeError:  # a device type autocast does not know
-        return contextlib.nullcontext()
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -444,7 +437,7 @@ def contrast_loss(
         )
     if feats.dim() != 2:
         raise ConfigError(f"feats must have shape (N, D); got {tuple(feats.shape)}")
-    with _autocast_off(feats.device.type):
+    with autocast_off(feats.device.type):
         dtype = _compute_dtype(feats.dtype)
         z = feats.to(dtype)
         n = z.shape[0]
@@ -560,7 +553,7 @@ def select_from_bank(
         return out
     rows = chunk_size if chunk_size is not None else max(1, SELECT_CHUNK_ELEMENTS // M)
     _check_int("chunk_size", rows, 1)
-    with torch.no_grad(), _autocast_off(device.type):
+    with torch.no_grad(), autocast_off(device.type):
         z = feats.detach().to(_compute_dtype(feats.dtype))
         bank = bank_feats.detach().to(device, z.dtype)
         blabels = bank_labels.reshape(-1).to(device, torch.long)

@@ -19,25 +19,16 @@ The matrix part runs in float64 with autocast disabled; the rest in at least flo
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from contrastseg.errors import ConfigError
-from contrastseg.losses.cross_entropy import upsample_to
+from contrastseg.losses.cross_entropy import autocast_off, check_logits_target, upsample_to
 
 __all__ = ["RMI_POOLS", "region_vectors", "rmi_bce", "rmi_loss", "rmi_lower_bound"]
 
 RMI_POOLS = ("avg", "max")
-
-
-def _autocast_off(device_type: str):
-    try:
-        return torch.autocast(device_type=device_type, enabled=False)
-    except RuntimeError:  # a device type autocast does not know
-        return contextlib.nullcontext()
 
 
 def _check(radius: int, pool: str, pool_size: int, alpha: float) -> None:
@@ -118,12 +109,8 @@ def rmi_loss(
     float64 logits).
     """
     _check(radius, pool, pool_size, alpha)
-    if logits.dim() != 4 or target.dim() != 3 or logits.shape[0] != target.shape[0]:
-        raise ConfigError(
-            f"logits must be (B, C, h, w) and target (B, H, W); got {tuple(logits.shape)} and "
-            f"{tuple(target.shape)}"
-        )
-    with _autocast_off(logits.device.type):
+    check_logits_target(logits, target)
+    with autocast_off(logits.device.type):
         x = upsample_to(logits, tuple(target.shape[-2:]))
         dtype = torch.promote_types(x.dtype, torch.float32)
         x = x.to(dtype)
