@@ -27,6 +27,11 @@ Overrides = Annotated[
 ]
 
 
+Device = Annotated[str, typer.Option(help="cpu or cuda.")]
+Amp = Annotated[str, typer.Option(help="off, bf16 or fp16.")]
+Batch = Annotated[int, typer.Option(help="Batch size.")]
+
+
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -111,7 +116,7 @@ def summary(
 def bench_loss(
     batch: Annotated[list[int] | None, typer.Option(help="Batch sizes.")] = None,
     repeats: Annotated[int, typer.Option(help="Timed repeats (median).")] = 3,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    device: Device = "cpu",
 ) -> None:
     """Pixel-contrast loss, forward+backward: vectorised vs. a loop per image and class."""
     from contrastseg.benchmarks.contrast_loss import format_loss_benchmark, run_loss_benchmark
@@ -125,13 +130,13 @@ def bench_loss(
 @bench_app.command("step")
 def bench_step(
     config: Annotated[Path, typer.Argument(help="Experiment YAML (model and contrast settings).")],
-    batch: Annotated[int, typer.Option(help="Batch size.")] = 2,
+    batch: Batch = 2,
     height: Annotated[int, typer.Option(help="Input height.")] = 256,
     width: Annotated[int, typer.Option(help="Input width.")] = 512,
     classes: Annotated[int, typer.Option(help="Number of classes.")] = 19,
     repeats: Annotated[int, typer.Option(help="Timed repeats of each (median).")] = 5,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    amp: Annotated[str, typer.Option(help="off, bf16 or fp16.")] = "off",
+    device: Device = "cpu",
+    amp: Amp = "off",
     overrides: Overrides = None,
 ) -> None:
     """s/iter of a train step with and without contrast, and the overhead in percent."""
@@ -151,12 +156,12 @@ def bench_train(
     config_dir: Annotated[Path, typer.Option(help="Folder of Table 1 configs.")] = Path(
         "configs/cityscapes"
     ),
-    batch: Annotated[int, typer.Option(help="Batch size.")] = 2,
+    batch: Batch = 2,
     height: Annotated[int, typer.Option(help="Crop height.")] = 512,
     width: Annotated[int, typer.Option(help="Crop width.")] = 1024,
     repeats: Annotated[int, typer.Option(help="Timed repeats of each (median).")] = 5,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    amp: Annotated[str, typer.Option(help="off, bf16 or fp16.")] = "off",
+    device: Device = "cpu",
+    amp: Amp = "off",
 ) -> None:
     """Table 1 timing: s/iter of each model with and without contrast, overhead, peak memory."""
     from contrastseg.benchmarks.train_step import format_table1, run_table1_benchmark
@@ -167,13 +172,13 @@ def bench_train(
 
 @bench_app.command("losses")
 def bench_losses(
-    batch: Annotated[int, typer.Option(help="Batch size.")] = 2,
+    batch: Batch = 2,
     height: Annotated[int, typer.Option(help="Label height.")] = 512,
     width: Annotated[int, typer.Option(help="Label width.")] = 1024,
     classes: Annotated[int, typer.Option(help="Number of classes.")] = 19,
     stride: Annotated[int, typer.Option(help="Stride of the logits (HRNetV2: 4).")] = 4,
     repeats: Annotated[int, typer.Option(help="Timed repeats of each (median).")] = 3,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    device: Device = "cpu",
     threads: Annotated[int, typer.Option(help="CPU threads (0: torch's default).")] = 0,
 ) -> None:
     """Table 2 losses, forward+backward at a Cityscapes crop: ms and ratio to CE."""

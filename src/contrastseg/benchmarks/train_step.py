@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 
+from contrastseg.benchmarks.timing import interleaved_median_ms
 from contrastseg.config import ExperimentConfig
 from contrastseg.losses import LossSet
 from contrastseg.models import build_model
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _make_step(
@@ -74,27 +67,22 @@ def run_step_benchmark(
     torch.manual_seed(0)
     image = torch.randn(batch, 3, *size, device=dev)
     target = block_labels(batch, *size, num_classes).to(dev)
-    times: dict[str, list[float]] = {"baseline": [], "contrast": []}
     peak: dict[str, float | None] = {"baseline": None, "contrast": None}
     steps = {}
-    for name in times:
+    for name in peak:
         steps[name] = _make_step(cfg, num_classes, name == "contrast", dev, amp)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
-        steps[name](image, target)  # warm-up
-        steps[name](image, target)
-        _synchronize(dev)
+        steps[name](image, target)  # a step for the peak memory; the timing warms up again
         if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
             peak[name] = torch.cuda.max_memory_allocated(dev) / 2**30
-    for _ in range(repeats):
-        for name, step in steps.items():
-            _synchronize(dev)
-            t0 = time.perf_counter()
-            step(image, target)
-            _synchronize(dev)
-            times[name].append(time.perf_counter() - t0)
-    base = statistics.median(times["baseline"])
-    ours = statistics.median(times["contrast"])
+    base, ours = (
+        ms / 1000.0
+        for ms in interleaved_median_ms(
+            [lambda s=step: s(image, target) for step in steps.values()], dev, repeats
+        )
+    )
     return {
         "backbone": cfg.model.backbone.name,
         "head": cfg.model.head,
