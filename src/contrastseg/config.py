@@ -257,7 +257,8 @@ class OptimConfig(_Section):
 
 class TrainConfig(_Section):
     iters: int = Field(1000, ge=1)
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1)  # images per optimiser step, over all processes
+    grad_accum: int = Field(1, ge=1)  # micro-batches per step: batch_size / (world x grad_accum)
     seed: int = 0
     device: str = "auto"
     log_every: int = Field(10, ge=1)

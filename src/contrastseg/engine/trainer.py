@@ -7,6 +7,7 @@ import logging
 import math
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +21,10 @@ from contrastseg.engine import checkpoint as ckpt
 from contrastseg.engine.builders import build_eval_dataset, build_train_dataset
 from contrastseg.engine.distributed import (
     all_processes_agree,
+    all_reduce_sum,
     convert_sync_batchnorm,
     init_distributed,
+    is_distributed,
     mean_over_processes,
 )
 from contrastseg.engine.evaluator import evaluate, format_table, write_eval_json
@@ -29,7 +32,7 @@ from contrastseg.engine.progress import TrainProgress
 from contrastseg.engine.runtime import environment_info, resolve_device, seed_everything
 from contrastseg.engine.sampling import EpochIndexed, IterationBatchSampler
 from contrastseg.engine.signals import StopSignal
-from contrastseg.errors import CheckpointError, TrainingError, TrainingInterrupted
+from contrastseg.errors import CheckpointError, ConfigError, TrainingError, TrainingInterrupted
 from contrastseg.losses import LossSet
 from contrastseg.models import build_model
 from contrastseg.viz.figures import save_prediction_figure
@@ -51,6 +54,26 @@ def poly_lr(cfg: OptimConfig, it: int, total: int) -> float:
         ratio = cfg.warmup_ratio + (1.0 - cfg.warmup_ratio) * it / cfg.warmup_iters
         return cfg.lr * ratio
     return cfg.lr * (1.0 - it / total) ** cfg.poly_power
+
+
+def check_micro_batches(batch_size: int, grad_accum: int, world_size: int) -> None:
+    """Each process's share of a step must split into ``grad_accum`` equal micro-batches."""
+    if batch_size % (world_size * grad_accum):
+        raise ConfigError(
+            f"train.batch_size = {batch_size} does not split into {world_size} process(es) x "
+            f"train.grad_accum = {grad_accum} equal micro-batches: make batch_size a multiple "
+            f"of {world_size * grad_accum}"
+        )
+
+
+def step_pixel_normalizer(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Labelled pixels of a whole step over every process, / world size (float64, one
+    all-reduce under DDP): the CE normaliser of each micro-batch under gradient accumulation."""
+    count = (target != ignore_index).sum().to(torch.float64)
+    if not is_distributed():
+        return count
+    all_reduce_sum(count)
+    return count / torch.distributed.get_world_size()
 
 
 def collate_train(items: list[dict]) -> dict:
@@ -120,10 +143,12 @@ class Trainer:
         if cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         forward = self.model
+        self.ddp: DistributedDataParallel | None = None
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            forward = DistributedDataParallel(self.model, device_ids=ids)
+            forward = self.ddp = DistributedDataParallel(self.model, device_ids=ids)
         self.forward = torch.compile(forward) if cfg.train.compile else forward
+        check_micro_batches(cfg.train.batch_size, cfg.train.grad_accum, self.dist.world_size)
         self.iteration = 0
         if resume:
             self._resume()
@@ -207,7 +232,8 @@ class Trainer:
         )
 
     def train_step(self, batch: dict) -> dict[str, float]:
-        """One SGD step on a batch; returns the loss terms as floats."""
+        """One SGD step on a batch, in ``train.grad_accum`` micro-batches; returns the loss
+        terms (summed over the micro-batches: the full-batch values) as floats."""
         lr = poly_lr(self.cfg.optim, self.iteration, self.cfg.train.iters)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
@@ -216,16 +242,39 @@ class Trainer:
         if self.cfg.train.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
         target = batch["mask"].to(self.device, non_blocking=True)
-        with torch.autocast(
-            self.device.type, dtype=self.amp_dtype or torch.float32, enabled=bool(self.amp_dtype)
-        ):
-            outputs = self.forward(image)
-            # Each loss casts what it needs to float32 (CE) or runs outside autocast (contrast).
-            terms = self.loss_set(outputs, target, self.iteration, batch["index"].to(self.device))
+        index = batch["index"].to(self.device)
+        accum = self.cfg.train.grad_accum
+        norm, fraction = None, 1.0
+        if accum > 1:
+            norm = step_pixel_normalizer(target, self.loss_set.ignore_index)
+            fraction = 1.0 / accum
         self.optimizer.zero_grad(set_to_none=True)
-        finite = all_processes_agree(bool(torch.isfinite(terms["total"])), self.device)
+        summed: dict[str, torch.Tensor] = {}
+        finite = True
+        micro = zip(image.chunk(accum), target.chunk(accum), index.chunk(accum), strict=True)
+        for m, (image_m, target_m, index_m) in enumerate(micro):
+            # DDP all-reduces the gradients only in the last micro-batch's backward.
+            last = m == accum - 1
+            sync = nullcontext() if last or self.ddp is None else self.ddp.no_sync()
+            with sync:
+                with torch.autocast(
+                    self.device.type,
+                    dtype=self.amp_dtype or torch.float32,
+                    enabled=bool(self.amp_dtype),
+                ):
+                    outputs = self.forward(image_m)
+                    # Each loss casts what it needs to float32 (CE) or runs outside autocast.
+                    terms = self.loss_set(
+                        outputs, target_m, self.iteration, index_m, norm, fraction
+                    )
+                for k, v in terms.items():
+                    summed[k] = summed[k] + v.detach() if k in summed else v.detach()
+                finite = all_processes_agree(bool(torch.isfinite(terms["total"])), self.device)
+                if not finite:
+                    break
+                self.scaler.scale(terms["total"]).backward()
+            del outputs, terms
         if finite:
-            self.scaler.scale(terms["total"]).backward()
             self.loss_set.sync_gradients()  # DDP: the loss's own parameters are outside DDP
             if not self.scaler.is_enabled():  # fp16's scaler skips non-finite steps itself
                 finite = gradients_finite(self.optimizer)
@@ -235,7 +284,7 @@ class Trainer:
         else:
             self.optimizer.zero_grad(set_to_none=True)
         self.iteration += 1
-        values = {k: float(v.detach()) for k, v in terms.items()}
+        values = {k: float(v) for k, v in summed.items()}
         values["lr"] = lr
         values["skipped"] = float(not finite)
         return values

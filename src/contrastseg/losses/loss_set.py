@@ -132,9 +132,18 @@ class LossSet(nn.Module):
         target: torch.Tensor,
         step: int,
         image_ids: torch.Tensor | None = None,
+        pixel_normalizer: torch.Tensor | None = None,
+        fraction: float = 1.0,
     ) -> dict[str, torch.Tensor]:
+        """Gradient accumulation passes one micro-batch at a time: ``pixel_normalizer`` (the
+        labelled pixels of the whole step, over every micro-batch and process, / world size)
+        divides the pixel-mean CE terms, and every other term is scaled by ``fraction`` (1 /
+        micro-batches), so that the terms summed over the step's micro-batches are the
+        full-batch values."""
         cfg = self.cfg
-        norm = global_pixel_normalizer(target, self.ignore_index)
+        norm = pixel_normalizer
+        if norm is None:
+            norm = global_pixel_normalizer(target, self.ignore_index)
         seg = outputs["seg"]
         if cfg.ce.ohem:
             keep = ohem_mask(
@@ -142,7 +151,7 @@ class LossSet(nn.Module):
             )
             kept = torch.where(keep, target, self.ignore_index)
             kept_norm = global_pixel_normalizer(kept, self.ignore_index)
-            ce = cross_entropy(seg, kept, self.ignore_index, kept_norm)
+            ce = fraction * cross_entropy(seg, kept, self.ignore_index, kept_norm)
         else:
             ce = cross_entropy(seg, target, self.ignore_index, norm)
         terms: dict[str, torch.Tensor] = {"ce": ce}
@@ -152,11 +161,13 @@ class LossSet(nn.Module):
             total = total + cfg.ce.aux_weight * terms["aux_ce"]
         if self.active("lovasz", step):
             c = cfg.lovasz
-            terms["lovasz"] = lovasz_softmax(seg, target, c.classes, c.per_image, self.ignore_index)
+            terms["lovasz"] = fraction * lovasz_softmax(
+                seg, target, c.classes, c.per_image, self.ignore_index
+            )
             total = total + c.weight * terms["lovasz"]
         if self.active("rmi", step):
             c = cfg.rmi
-            terms["rmi"] = rmi_loss(
+            terms["rmi"] = fraction * rmi_loss(
                 seg,
                 target,
                 radius=c.radius,
@@ -169,11 +180,11 @@ class LossSet(nn.Module):
             )
             total = total + c.weight * terms["rmi"]
         if self.aaf is not None and self.active("aaf", step):
-            terms["aaf"] = self.aaf(seg, target, step)
+            terms["aaf"] = fraction * self.aaf(seg, target, step)
             total = total + cfg.aaf.weight * terms["aaf"]
         if "embed" in outputs:
             if self.contrast_active(step):
-                terms["contrast"] = self.contrast(
+                terms["contrast"] = fraction * self.contrast(
                     outputs["embed"], outputs["seg"].detach(), target, image_ids
                 )
                 total = total + cfg.contrast.weight * terms["contrast"]
