@@ -139,7 +139,9 @@ def build_model(
         )
     else:  # pragma: no cover - the config's Literal rules it out
         raise ConfigError(f"model.head = {cfg.head!r}: unknown head")
-    projection = ProjectionHead(features_channels, cfg.projection_dim) if with_projection else None
+    projection = None
+    if with_projection:
+        projection = ProjectionHead(features_channels, cfg.projection_dim, cfg.projection_hidden)
     return Segmentor(backbone, head, aux, projection, output_stride=stride)
 
 
