@@ -25,6 +25,19 @@ def test_training_outputs_shapes_and_stride():
     assert model.projection.net[0].weight.grad is not None
 
 
+def test_projection_hidden_width_is_the_features_width_unless_set():
+    default = build_model(small_cfg(), num_classes=4, with_projection=True)
+    features = default.projection.net[0].in_channels
+    assert default.projection.net[0].out_channels == features  # METHOD.md: d -> d
+    narrow = build_model(small_cfg(projection_hidden=24), num_classes=4, with_projection=True)
+    convs = [m for m in narrow.projection.net if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(features, 24), (24, 256)]
+    assert narrow.projection.net[1].num_features == 24
+    embed = narrow.train()(torch.randn(2, 3, 64, 64))["embed"]
+    assert embed.shape == (2, 256, 8, 8)
+    torch.testing.assert_close(embed.norm(dim=1), torch.ones(2, 8, 8))
+
+
 def test_eval_returns_only_seg_and_never_calls_training_heads():
     model = build_model(small_cfg(), num_classes=4, with_projection=True).eval()
     called = []
