@@ -1,0 +1,122 @@
+"""Read a finished run directory: its config, its val mIoU and its training speed.
+
+A run directory is what ``contrastseg train`` writes (``config.yaml``, ``metrics.jsonl``,
+``eval.json``); ``contrastseg eval`` (re)writes ``eval.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from contrastseg.config import ExperimentConfig, load_config
+from contrastseg.errors import ContrastSegError
+
+__all__ = ["RunRecord", "load_run", "load_runs", "median_s_per_iter", "read_eval"]
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What the results tables need from one run directory."""
+
+    path: Path
+    cfg: ExperimentConfig
+    miou: float  # a fraction, as in eval.json
+    split: str  # the split eval.json was computed on
+    s_per_iter: float | None  # None: fewer than two timed records in metrics.jsonl
+
+
+def read_eval(path: Path) -> tuple[float, str | None]:
+    """``(mIoU, split)`` of an ``eval.json``; split is None where the file does not name one."""
+    run = path.parent
+    if not path.is_file():
+        raise ContrastSegError(
+            f"{path}: not found, so {run} has no evaluation; run `contrastseg eval "
+            f"{run / 'config.yaml'} --checkpoint {run / 'checkpoints'}/iter_NNNNNNN.pt` to write it"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ContrastSegError(
+            f"{path}: not valid JSON ({err}); rerun `contrastseg eval` to rewrite it"
+        ) from None
+    miou = data.get("mIoU") if isinstance(data, dict) else None
+    if isinstance(miou, bool) or not isinstance(miou, int | float) or not 0 <= miou <= 1:
+        raise ContrastSegError(
+            f"{path}: field 'mIoU' must be a number in [0, 1], got {miou!r}; rerun "
+            "`contrastseg eval` to rewrite it"
+        )
+    split = data.get("split")
+    return float(miou), split if isinstance(split, str) else None
+
+
+def median_s_per_iter(path: Path) -> float | None:
+    """Median ``s_per_iter`` of ``metrics.jsonl``, the first timed record left out.
+
+    The first record's interval holds the start-up (data loader, allocator, cuDNN tuning), so it
+    is a warm-up and not counted. Records without ``s_per_iter`` are ignored. None when the file
+    is missing or has fewer than two timed records.
+    """
+    if not path.is_file():
+        return None
+    times: list[float] = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ContrastSegError(
+                f"{path}, line {number}: not valid JSON ({err}); delete or repair that line"
+            ) from None
+        value = record.get("s_per_iter") if isinstance(record, dict) else None
+        if value is None:
+            continue
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            raise ContrastSegError(
+                f"{path}, line {number}: field 's_per_iter' must be a finite number, "
+                f"got {value!r}; delete or repair that line"
+            )
+        times.append(float(value))
+    return statistics.median(times[1:]) if len(times) > 1 else None
+
+
+def load_run(path: str | Path) -> RunRecord:
+    """Read ``config.yaml`` (validated), ``eval.json`` and ``metrics.jsonl`` of a run."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ContrastSegError(f"{path}: not a directory; pass run directories such as runs/NAME")
+    config = path / "config.yaml"
+    if not config.is_file():
+        raise ContrastSegError(
+            f"{config}: not found, so {path} is not a run directory; `contrastseg train` "
+            "writes config.yaml there"
+        )
+    cfg = load_config(config)
+    miou, split = read_eval(path / "eval.json")
+    return RunRecord(
+        path=path,
+        cfg=cfg,
+        miou=miou,
+        split=split or cfg.data.val_split,
+        s_per_iter=median_s_per_iter(path / "metrics.jsonl"),
+    )
+
+
+def load_runs(paths: list[str | Path] | tuple[str | Path, ...]) -> list[RunRecord]:
+    """:func:`load_run` for each path; a directory given twice is read once."""
+    runs: list[RunRecord] = []
+    seen: set[Path] = set()
+    for p in paths:
+        key = Path(p).resolve()
+        if key not in seen:
+            seen.add(key)
+            runs.append(load_run(p))
+    return runs
