@@ -23,6 +23,8 @@ _API = {
     "evaluate_checkpoint": "contrastseg.inference",
     "load_trained_model": "contrastseg.inference",
     "predict": "contrastseg.inference",
+    "export_checkpoint": "contrastseg.export",
+    "predict_onnx": "contrastseg.onnx_predict",
     "Segmentor": "contrastseg.models",
     "build_model": "contrastseg.models",
     "ContrastSegError": "contrastseg.errors",

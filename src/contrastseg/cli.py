@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from contrastseg.errors import ContrastSegError, TrainingInterrupted
+from contrastseg.viz.commands import figures_app
 
 app = typer.Typer(
     add_completion=False,
@@ -20,6 +21,7 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print side-b
 app.add_typer(bench_app, name="bench")
 data_app = typer.Typer(no_args_is_help=True, help="Data set integrity checks.")
 app.add_typer(data_app, name="data")
+app.add_typer(figures_app, name="figures")
 
 Overrides = Annotated[
     list[str] | None,
@@ -76,14 +78,48 @@ def evaluate(
 @app.command()
 def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files or folders of images.")],
-    checkpoint: Annotated[Path, typer.Option(help="Checkpoint file.")],
+    checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint file.")] = None,
+    onnx: Annotated[
+        Path | None,
+        typer.Option(help="Exported MODEL.onnx (with MODEL.onnx.json), run by onnxruntime."),
+    ] = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("predictions"),
 ) -> None:
     """Colour-coded masks, overlays and label-id PNGs for images."""
-    from contrastseg import predict as run_predict
+    from contrastseg.errors import ConfigError
 
-    written = run_predict(checkpoint, images, out)
+    if (checkpoint is None) == (onnx is None):
+        got = "both" if checkpoint is not None else "neither"
+        raise ConfigError(f"predict: give one of --checkpoint CKPT or --onnx MODEL.onnx, got {got}")
+    if onnx is not None:
+        from contrastseg.onnx_predict import predict_onnx
+
+        written = predict_onnx(onnx, images, out)
+    else:
+        from contrastseg import predict as run_predict
+
+        written = run_predict(checkpoint, images, out)
     typer.echo(f"wrote {len(written)} predictions to {out}")
+
+
+@app.command("export")
+def export_model(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint file.")],
+    format: Annotated[str, typer.Option("--format", help="onnx or torchscript.")] = "onnx",
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Model file (default: next to CKPT, .onnx or .torchscript.pt)."),
+    ] = None,
+    opset: Annotated[int | None, typer.Option(help="ONNX opset, 18 or newer (default 18).")] = None,
+) -> None:
+    """Export the inference model (no auxiliary or projection head) and its JSON sidecar."""
+    from contrastseg.export import export_checkpoint
+
+    result = export_checkpoint(checkpoint, out, format=format, opset=opset)
+    typer.echo(
+        f"wrote {result.model} and {result.sidecar.name} "
+        f"(max |logit - PyTorch| {result.max_abs_diff:.2g} on random inputs)"
+    )
 
 
 @app.command("models")
@@ -110,6 +146,21 @@ def summary(
 
     cfg = load_config(config, overrides or [])
     typer.echo(format_summary(summarize(cfg.model, classes, (height, width))))
+
+
+@app.command()
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories (runs/NAME).")],
+    table: Annotated[str, typer.Option(help="1, 2 or all.")] = "all",
+    csv: Annotated[Path | None, typer.Option(help="Also write the rows as CSV here.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Also write the markdown here.")] = None,
+) -> None:
+    """The supplement's Table 1 (s/iter, mIoU and gain) and Table 2 (losses) from run dirs."""
+    from contrastseg.report import parse_tables, write_report
+    from contrastseg.rundir import load_runs
+
+    parse_tables(table)  # a wrong --table fails before any run is read
+    typer.echo(write_report(load_runs(run_dirs), out, csv, table), nl=False)
 
 
 @bench_app.command("loss")

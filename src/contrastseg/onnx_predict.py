@@ -1,0 +1,73 @@
+"""Predict masks with an exported ONNX model and its sidecar, through onnxruntime on the CPU.
+
+Writes the same files as :func:`contrastseg.inference.predict`, from the same preprocessing;
+needs no checkpoint and no config, only ``MODEL.onnx`` and ``MODEL.onnx.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from contrastseg.data import load_image
+from contrastseg.errors import CheckpointError
+from contrastseg.export import import_optional, sidecar_path
+from contrastseg.inference import expand_images, normalize_image, save_prediction
+
+SIDECAR_FIELDS = ("format", "input", "output", "class_names", "palette")
+
+
+def load_sidecar(model_path: Path) -> dict:
+    """Read and check ``<model_path>.json``; a missing file or field raises CheckpointError."""
+    path = sidecar_path(model_path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path}: sidecar not found; it is written by `contrastseg export` next to the model "
+            "and holds the classes, palette and mean/std. Export the checkpoint again"
+        )
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(
+            f"{path}: cannot read the sidecar JSON ({err}); export again"
+        ) from err
+    missing = [k for k in SIDECAR_FIELDS if k not in info]
+    if missing:
+        raise CheckpointError(f"{path}: sidecar lacks the fields {missing}; export again")
+    if info["format"] != "onnx":
+        raise CheckpointError(
+            f"{path}: describes a {info['format']!r} model, not ONNX; give the .onnx file"
+        )
+    return info
+
+
+def predict_onnx(model: Path, images: list[Path], out_dir: Path, alpha: float = 0.5) -> list[Path]:
+    """Per image, ``<stem>_mask.png``, ``<stem>_overlay.png`` and ``<stem>_labels.png`` in
+    ``out_dir``, as ``predict`` writes them; returns the mask paths."""
+    model = Path(model)
+    if not model.is_file():
+        raise CheckpointError(f"{model}: ONNX model not found")
+    info = load_sidecar(model)
+    ort = import_optional("onnxruntime")
+    try:
+        session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    except Exception as err:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise CheckpointError(f"{model}: onnxruntime cannot load it ({err}); export again") from err
+    in_name, out_name = info["input"]["name"], info["output"]["name"]
+    names = [i.name for i in session.get_inputs()]
+    if names != [in_name]:
+        raise CheckpointError(f"{model}: inputs {names}, but its sidecar says [{in_name!r}]")
+    palette = np.asarray(info["palette"], dtype=np.uint8)
+    mean, std = info["input"]["mean"], info["input"]["std"]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in expand_images(images):
+        rgb = load_image(path)
+        x = normalize_image(rgb, mean, std)[None].numpy()
+        logits = session.run([out_name], {in_name: x})[0]
+        pred = logits.argmax(1)[0].astype(np.uint8)
+        written.append(save_prediction(path.stem, rgb, pred, palette, out_dir, alpha))
+    return written
