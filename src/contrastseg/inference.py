@@ -49,9 +49,14 @@ def evaluate_checkpoint(
     device = next(model.parameters()).device
     dataset = build_eval_dataset(cfg.data, split)
     if list(dataset.classes) != list(state["class_names"]):
+        trained = state["config"].get("data", {})
         raise CheckpointError(
-            f"{checkpoint}: trained on classes {state['class_names']}, but the data set "
-            f"has {list(dataset.classes)}"
+            f"{checkpoint}: trained on {len(state['class_names'])} classes "
+            f"{state['class_names']}, but the data set of this config (data.name = "
+            f"{cfg.data.name!r}) has {len(dataset.classes)} {list(dataset.classes)}; evaluate "
+            f"it on data with the classes it was trained on (its run used data.name = "
+            f"{trained.get('name')!r}, data.root = {trained.get('root')!r}) or pass a "
+            "checkpoint trained on these classes"
         )
     metrics, _ = evaluate(
         model, dataset, device, cfg.eval.batch_size, cfg.data.num_workers, mode=cfg.eval
@@ -85,6 +90,26 @@ def expand_images(inputs: list[Path]) -> list[Path]:
     return files
 
 
+def normalize_image(rgb: np.ndarray, mean, std) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> (3, H, W) float32 ``(rgb / 255 - mean) / std``."""
+    mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (torch.from_numpy(rgb).permute(2, 0, 1).float() / 255 - mean) / std
+
+
+def save_prediction(
+    stem: str, rgb: np.ndarray, pred: np.ndarray, palette: np.ndarray, out_dir: Path, alpha: float
+) -> Path:
+    """Write ``<stem>_mask.png``, ``<stem>_overlay.png`` and ``<stem>_labels.png`` for an
+    (H, W) uint8 class-id map; returns the mask path."""
+    color = colorize(pred, palette)
+    overlay = (alpha * color + (1 - alpha) * rgb).round().astype(np.uint8)
+    Image.fromarray(color).save(out_dir / f"{stem}_mask.png")
+    Image.fromarray(overlay).save(out_dir / f"{stem}_overlay.png")
+    Image.fromarray(pred).save(out_dir / f"{stem}_labels.png")
+    return out_dir / f"{stem}_mask.png"
+
+
 @torch.no_grad()
 def predict(checkpoint: Path, images: list[Path], out_dir: Path, alpha: float = 0.5) -> list[Path]:
     """Write, per image, ``<stem>_mask.png`` (palette colours), ``<stem>_overlay.png`` and
@@ -92,19 +117,12 @@ def predict(checkpoint: Path, images: list[Path], out_dir: Path, alpha: float = 
     model, cfg, state = load_trained_model(checkpoint, "auto")
     device = next(model.parameters()).device
     palette = np.asarray(state["palette"], dtype=np.uint8)
-    mean = torch.tensor(cfg.data.mean).view(3, 1, 1)
-    std = torch.tensor(cfg.data.std).view(3, 1, 1)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for path in expand_images(images):
         rgb = load_image(path)
-        x = (torch.from_numpy(rgb).permute(2, 0, 1).float() / 255 - mean) / std
+        x = normalize_image(rgb, cfg.data.mean, cfg.data.std)
         pred = model.predict_logits(x[None].to(device)).argmax(1)[0].cpu().numpy().astype(np.uint8)
-        color = colorize(pred, palette)
-        overlay = (alpha * color + (1 - alpha) * rgb).round().astype(np.uint8)
-        Image.fromarray(color).save(out_dir / f"{path.stem}_mask.png")
-        Image.fromarray(overlay).save(out_dir / f"{path.stem}_overlay.png")
-        Image.fromarray(pred).save(out_dir / f"{path.stem}_labels.png")
-        written.append(out_dir / f"{path.stem}_mask.png")
+        written.append(save_prediction(path.stem, rgb, pred, palette, out_dir, alpha))
     return written
