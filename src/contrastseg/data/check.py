@@ -16,7 +16,8 @@ missing image   a label file whose image is not there (or a listed name without 
 missing label   an image whose label file is not there
 unreadable      not an image file PIL can open (empty, wrong format, corrupt header)
 truncated       the header is fine but the pixel data ends early or is corrupt
-channels        an image that is not RGB (or greyscale), a label map with more than one channel
+channels        an image training cannot use (16-bit, 32-bit or float values, or a mode PIL
+                does not convert to RGB), a label map with more than one channel
 size mismatch   image and label map differ in width or height
 label values    raw label ids outside the data set's classes and special ids
 ==============  ============================================================================
@@ -36,7 +37,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from contrastseg.data.folder import load_image, load_mask
+from contrastseg.data.folder import IMAGE_MODES, image_mode_problem, load_image, load_mask
 from contrastseg.data.indexing import check_index
 from contrastseg.errors import DataError
 
@@ -50,7 +51,7 @@ PROBLEM_KINDS = (
     "size mismatch",
     "label values",
 )
-_IMAGE_MODES = ("RGB", "L", "P")  # what load_image turns into RGB without losing information
+_IMAGE_MODES = IMAGE_MODES  # what load_image accepts (and turns into RGB)
 _LABEL_MODES = ("L", "P", "1", "I", "I;16", "I;16B", "I;16L")
 
 
@@ -144,7 +145,10 @@ def pair_files(
         )
         raise DataError(f"{where}: {problems[0].detail}{suffix}")
     if not out_names and not problems:
-        raise DataError(f"{where}: no samples found")
+        raise DataError(
+            f"{where}: no samples found; check data.root and the split name against the "
+            "layout in docs/datasets.md"
+        )
     return out_names, out_images, out_labels, problems
 
 
@@ -312,8 +316,13 @@ def _open_checked(
                 return None, None, Problem(kind, path, f"{what} {size[0]}x{size[1]}: {exc}")
             if mode not in modes:
                 bands = len(img.getbands())
-                expected = "RGB (3 channels)" if what == "image" else "one channel (mode L or P)"
-                detail = f"{what} has {bands} channel(s) (mode {mode}); expected {expected}"
+                if what == "image":
+                    detail = image_mode_problem(mode, bands) or f"image mode {mode}"
+                else:
+                    detail = (
+                        f"{what} has {bands} channel(s) (mode {mode}); expected one channel "
+                        "(mode L or P)"
+                    )
                 return size, None, Problem("channels", path, detail)
             return size, (np.asarray(img) if what == "label" else None), None
     except UnidentifiedImageError as exc:

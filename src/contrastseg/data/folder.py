@@ -9,8 +9,11 @@ Layout::
                                 255 = ignore
 
 Blank lines and ``#`` comments (to the end of the line) are ignored in both text files.
-Greyscale and RGBA images are converted to RGB. Palette ('P') masks are read by index, not by
-colour; RGB masks are rejected. Label values are checked when a sample is loaded.
+Images must have 8-bit channels: RGB, greyscale, palette, bilevel, CMYK and YCbCr are converted
+to RGB (CMYK naively, without a colour profile); an alpha channel (RGBA, LA, PA) is dropped, not
+blended. 16-bit, 32-bit and float images are refused, since 8-bit RGB would clip their values.
+Palette ('P') masks are read by index, not by colour; masks with several channels (RGB, LA)
+are refused. Label values are checked when a sample is loaded.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from contrastseg.errors import DataError
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 IGNORE_INDEX = 255
 _MASK_MODES = ("L", "P", "1", "I", "I;16", "I;16B", "I;16L")
+# Image modes ``load_image`` turns into RGB without clipping values (alpha is dropped).
+IMAGE_MODES = ("RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "1", "CMYK", "YCbCr")
 
 
 def _read_list(path: Path) -> list[str]:
@@ -56,16 +61,38 @@ def _index_dir(directory: Path, extensions: tuple[str, ...]) -> dict[str, Path]:
     return found
 
 
+def image_mode_problem(mode: str, bands: int) -> str | None:
+    """Why an image of PIL ``mode`` cannot be used, with the fix; None when it can."""
+    if mode in IMAGE_MODES:
+        return None
+    if mode.startswith(("I", "F")):
+        what = "16-bit or 32-bit/float values that 8-bit RGB would clip"
+    else:
+        what = "a colour space contrastseg does not convert"
+    return (
+        f"image has mode {mode!r} ({bands} channel(s), {what}); save it as an 8-bit RGB or "
+        "greyscale PNG/JPEG (an alpha channel is allowed and dropped)"
+    )
+
+
 def load_image(path: Path) -> np.ndarray:
-    """Read an image file as (H, W, 3) uint8 RGB."""
+    """Read an image file as (H, W, 3) uint8 RGB (see the module docstring for the modes)."""
     try:
         with Image.open(path) as img:
             img.load()
+            problem = image_mode_problem(img.mode, len(img.getbands()))
+            if problem:
+                raise DataError(f"{path}: {problem}")
             if img.mode != "RGB":
                 img = img.convert("RGBA").convert("RGB") if "A" in img.mode else img.convert("RGB")
             return np.asarray(img, dtype=np.uint8).copy()
+    except DataError:
+        raise
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-        raise DataError(f"{path}: cannot read the image ({exc}); is it a valid PNG/JPEG?") from None
+        raise DataError(
+            f"{path}: cannot read the image ({exc}); replace the file with a complete PNG or "
+            "JPEG (`contrastseg data check CONFIG` lists every broken file of a data set)"
+        ) from None
 
 
 def load_mask(path: Path, num_classes: int | None = None) -> np.ndarray:
@@ -95,7 +122,10 @@ def load_mask(path: Path, num_classes: int | None = None) -> np.ndarray:
     except DataError:
         raise
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-        raise DataError(f"{path}: cannot read the mask ({exc}); is it a valid PNG?") from None
+        raise DataError(
+            f"{path}: cannot read the mask ({exc}); replace the file with a complete "
+            "single-channel PNG (`contrastseg data check CONFIG` lists every broken file)"
+        ) from None
     values = values.astype(np.int64) if values.dtype != np.uint8 else values
     if num_classes is not None:
         bad = (values != IGNORE_INDEX) & ((values < 0) | (values >= num_classes))
@@ -104,7 +134,8 @@ def load_mask(path: Path, num_classes: int | None = None) -> np.ndarray:
             shown = ", ".join(str(v) for v in found[:10]) + (" ..." if len(found) > 10 else "")
             raise DataError(
                 f"{path}: label values [{shown}] are not class ids; classes.txt lists "
-                f"{num_classes} classes (ids 0..{num_classes - 1}) and 255 means ignore"
+                f"{num_classes} classes (ids 0..{num_classes - 1}) and 255 means ignore; set "
+                "those pixels to a class id or to 255, or add the missing classes to classes.txt"
             )
     elif values.dtype != np.uint8 and ((values < 0) | (values > 255)).any():
         raise DataError(f"{path}: mask values outside 0..255; class ids must fit in 8 bits")
@@ -165,11 +196,13 @@ class FolderDataset:
             if name not in images:
                 raise DataError(
                     f"{split_file}: sample {name!r} has no image "
-                    f"{root / 'images' / name}.png/.jpg/.jpeg{hint}"
+                    f"{root / 'images' / name}.png/.jpg/.jpeg{hint}; add the image or remove "
+                    f"{name!r} from the split file"
                 )
             if name not in masks:
                 raise DataError(
-                    f"{split_file}: sample {name!r} has no mask {root / 'masks' / name}.png{hint}"
+                    f"{split_file}: sample {name!r} has no mask {root / 'masks' / name}.png{hint}; "
+                    f"add the mask or remove {name!r} from the split file"
                 )
             self._images.append(images[name])
             self._masks.append(masks[name])
@@ -189,7 +222,8 @@ class FolderDataset:
             raise DataError(
                 f"{mask_path}: mask size {mask.shape[1]}x{mask.shape[0]} (WxH) differs from "
                 f"image {image_path} size {image.shape[1]}x{image.shape[0]}; masks must match "
-                f"their images pixel for pixel"
+                f"their images pixel for pixel: save the mask at the image's size (when resizing "
+                f"it, use nearest-neighbour so that ids stay ids) or fix the pairing"
             )
         return image, mask
 

@@ -84,6 +84,10 @@ def latest_loadable(directory: Path) -> tuple[Path, dict] | None:
 
 
 def rotate(directory: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints."""
+    """Delete all but the newest ``keep`` checkpoints, and the temporary files of saves that a
+    killed process never finished (``atomic_save`` leaves them only when it dies mid-write).
+    Only the one process that writes checkpoints may call this."""
     for path in list_checkpoints(directory)[:-keep]:
+        path.unlink(missing_ok=True)
+    for path in Path(directory).glob(".iter_*.pt.*.tmp"):
         path.unlink(missing_ok=True)
