@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from contrastseg.engine import checkpoint as ckpt
-from contrastseg.engine.trainer import Trainer
+from contrastseg.engine.trainer import Trainer, open_metrics_log
 from contrastseg.errors import TrainingError
 
 
@@ -36,11 +36,42 @@ def test_a_nan_step_is_skipped_and_logged(tiny_cfg, caplog):
     values = trainer.train_step(next(loader))  # iteration 1: NaN
     assert values["skipped"] == 1.0
     after = trainer.model.state_dict()
-    for k, v in before.items():
-        if v.is_floating_point() and "running" not in k and "num_batches" not in k:
-            assert torch.equal(v, after[k]), f"{k} changed on a skipped step"
+    for k, v in before.items():  # weights and batch-norm running statistics alike
+        assert torch.equal(v, after[k]), f"{k} changed on a skipped step"
     values = trainer.train_step(next(loader))
     assert values["skipped"] == 0.0
+
+
+def test_a_nan_input_leaves_no_trace_in_running_stats_or_memory(tiny_cfg):
+    """NaN activations reach batch norm and the contrast memory before the loss is seen: the
+    skipped step restores the running statistics, the memory refuses non-finite entries, and
+    the next step trains normally."""
+    cfg = tiny_cfg(
+        "train.threads=1",
+        "loss.contrast.enabled=true",
+        "loss.contrast.warmup_iters=0",
+        "loss.contrast.max_views=4",
+        "loss.contrast.memory.enabled=true",
+        "loss.contrast.memory.pixel_size=64",
+        "loss.contrast.memory.region_size=8",
+    )
+    trainer = Trainer(cfg, progress=False)
+    loader = iter(trainer._loader())
+    assert trainer.train_step(next(loader))["skipped"] == 0.0
+    model_before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    memory_before = {k: v.clone() for k, v in trainer.loss_set.state_dict().items()}
+    batch = next(loader)
+    batch["image"][1] = float("nan")
+    assert trainer.train_step(batch)["skipped"] == 1.0
+    for k, v in model_before.items():
+        assert torch.equal(v, trainer.model.state_dict()[k]), k
+    memory = trainer.loss_set.contrast.memory
+    for name in ("pixel_queue", "region_queue"):
+        assert torch.isfinite(getattr(memory, name)).all(), name
+    # Image 0 of the batch was finite: its entries may enter, image 1's may not.
+    assert int(memory.pixel_count.sum()) >= int(memory_before["contrast.memory.pixel_count"].sum())
+    values = trainer.train_step(next(loader))
+    assert values["skipped"] == 0.0 and values["contrast"] > 0
 
 
 def test_nan_step_in_a_run_is_logged_and_training_goes_on(tiny_cfg, caplog):
@@ -71,7 +102,7 @@ def test_repeated_nans_stop_with_a_checkpoint_of_the_last_good_state(tiny_cfg):
 SCRIPT = """
 import sys, time
 from contrastseg import load_config
-from contrastseg.engine.trainer import Trainer
+from contrastseg.engine.trainer import Trainer, open_metrics_log
 from contrastseg.errors import TrainingInterrupted
 resume = sys.argv[1] == "resume"
 trainer = Trainer(load_config(None, sys.argv[2:]), resume=resume, progress=False)
@@ -142,3 +173,16 @@ def test_sigterm_writes_a_checkpoint_and_resume_matches_uninterrupted(tmp_path):
         assert torch.allclose(v.float(), b["model"][k].float(), atol=1e-6), k
     records = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["iter"] for r in records] == list(range(1, 9))
+
+
+def test_metrics_log_keeps_records_up_to_the_checkpoint_and_drops_a_cut_line(tmp_path):
+    """After a kill: records past the resumed checkpoint go, and so does a half-written line."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"iter": 1}\n{"iter": 2}\n\n{"iter": 3}\n{"iter": 4, "ce": 0.')
+    with open_metrics_log(path, 2) as log:
+        log.write('{"iter": 3, "again": true}\n')
+    assert path.read_text().splitlines() == [
+        '{"iter": 1}',
+        '{"iter": 2}',
+        '{"iter": 3, "again": true}',
+    ]

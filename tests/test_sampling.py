@@ -3,6 +3,7 @@ from collections import Counter
 import pytest
 
 from contrastseg.engine.sampling import IterationBatchSampler
+from contrastseg.errors import ConfigError
 
 
 def test_each_epoch_is_a_permutation_and_batches_are_full():
@@ -29,5 +30,5 @@ def test_ranks_split_the_global_batch():
 
 
 def test_too_small_split_is_an_error():
-    with pytest.raises(ValueError, match="fewer than train.batch_size"):
+    with pytest.raises(ConfigError, match="fewer than train.batch_size .* lower train.batch_size"):
         IterationBatchSampler(3, 4, iters=1, seed=0)

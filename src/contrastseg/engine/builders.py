@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from contrastseg.config import DataConfig
 from contrastseg.data import EvalTransform, SegmentationDataset, TrainTransform, build_source
-from contrastseg.data.check import PairedSource
 
 
 def source_kwargs(cfg: DataConfig, split: str) -> dict:
@@ -29,7 +28,7 @@ def preflight(source) -> None:
     so that a wrong layout (e.g. colour PNGs where label ids are expected) stops the run at once
     with the file's name. A broken file met later raises ``DataError`` naming it as well.
     ``contrastseg data check CONFIG`` reads every file."""
-    if isinstance(source, PairedSource) and len(source):
+    if len(source):
         source[0]
 
 

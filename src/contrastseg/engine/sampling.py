@@ -7,6 +7,8 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from contrastseg.errors import ConfigError
+
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -33,13 +35,14 @@ class IterationBatchSampler(Sampler[list[tuple[int, int]]]):
         world_size: int = 1,
     ) -> None:
         if num_samples < batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"the training split has {num_samples} samples, fewer than train.batch_size "
-                f"= {batch_size}"
+                f"= {batch_size}: lower train.batch_size or add samples to the split"
             )
         if batch_size % world_size:
-            raise ValueError(
-                f"train.batch_size {batch_size} is not divisible by {world_size} processes"
+            raise ConfigError(
+                f"train.batch_size {batch_size} is not divisible by {world_size} processes: "
+                f"make it a multiple of {world_size}"
             )
         self.num_samples = num_samples
         self.batch_size = batch_size

@@ -112,6 +112,7 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
 
         self.train_set = build_train_dataset(cfg.data, seed=cfg.train.seed)
+        build_eval_dataset(cfg.data)  # a missing or empty val split stops the run before training
         self.num_classes = self.train_set.num_classes
         self.class_names = list(self.train_set.classes)
         contrast = cfg.loss.contrast.enabled
@@ -180,12 +181,16 @@ class Trainer:
     def _resume(self) -> None:
         found = ckpt.latest_loadable(self.ckpt_dir)
         if found is None:
-            raise CheckpointError(f"--resume: no loadable checkpoint in {self.ckpt_dir}")
+            raise CheckpointError(
+                f"--resume: no loadable checkpoint in {self.ckpt_dir}; run the same command "
+                "without --resume to start from iteration 0"
+            )
         path, state = found
         if state["class_names"] != self.class_names:
             raise CheckpointError(
                 f"{path}: made for {len(state['class_names'])} classes {state['class_names']}, "
-                f"but the data set has {self.num_classes} {self.class_names}"
+                f"but the data set has {self.num_classes} {self.class_names}; resume with the "
+                "data set it was trained on, or start a new run (another output.name)"
             )
         try:
             self.model.load_state_dict(state["model"])
@@ -249,6 +254,8 @@ class Trainer:
             norm = step_pixel_normalizer(target, self.loss_set.ignore_index)
             fraction = 1.0 / accum
         self.optimizer.zero_grad(set_to_none=True)
+        # Batch-norm running statistics change in the forward pass: a skipped step restores them.
+        buffers = [b.detach().clone() for b in self.model.buffers()]
         summed: dict[str, torch.Tensor] = {}
         finite = True
         micro = zip(image.chunk(accum), target.chunk(accum), index.chunk(accum), strict=True)
@@ -283,6 +290,9 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for buffer, saved in zip(self.model.buffers(), buffers, strict=True):
+                    buffer.copy_(saved)
         self.iteration += 1
         values = {k: float(v) for k, v in summed.items()}
         values["lr"] = lr
@@ -300,7 +310,10 @@ class Trainer:
             (self.run_dir / "environment.json").write_text(
                 json.dumps(environment_info(self.device), indent=2)
             )
-            writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+            # purge_step drops events past the checkpoint that a killed run left behind.
+            writer = SummaryWriter(
+                str(self.run_dir / "tensorboard"), purge_step=self.iteration or None
+            )
             metrics_file = open_metrics_log(self.run_dir / "metrics.jsonl", self.iteration)
         self.model.train()
         total = cfg.train.iters
@@ -401,11 +414,14 @@ def open_metrics_log(path: Path, iteration: int):
     """Open ``metrics.jsonl`` for appending, first dropping records after ``iteration`` (left by
     a run that was killed after its last checkpoint), so a resumed log has no duplicates."""
     if path.exists():
-        keep = [
-            line
-            for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("iter", 0) <= iteration
-        ]
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short when the machine went down
+                continue
+            if record.get("iter", 0) <= iteration:
+                keep.append(line)
         path.write_text("".join(line + "\n" for line in keep))
     return path.open("a")
 

@@ -377,6 +377,9 @@ class ClassMemory(SeededModule):
             p_idx = chosen - b_idx * P
             pix[slot] = flat[b_idx, :, p_idx]
             pix_mask[slot] = True
+        # A non-finite embedding (a step the trainer will skip) never enters the memory.
+        pix_mask &= torch.isfinite(pix).all(1)
+        reg_mask &= torch.isfinite(reg).all(2)
         return pix.view(B, C, V, D), pix_mask.view(B, C, V), reg, reg_mask
 
     def _all_gather(self, tensors: list[Tensor]) -> list[Tensor]:
