@@ -42,6 +42,7 @@ def test_unknown_key_names_file_key_and_allowed(tmp_path):
         load_config(path)
     msg = str(err.value)
     assert "typo.yaml" in msg and "train.itres" in msg and "iters" in msg and "batch_size" in msg
+    assert "did you mean 'iters'?" in msg
 
 
 def test_wrong_type_and_impossible_value_name_the_key(tmp_path):

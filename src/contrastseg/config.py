@@ -7,6 +7,7 @@ recursively. The base itself may not have a ``base:``. Overrides from the comman
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -369,16 +370,15 @@ def _apply_override(tree: dict[str, Any], item: str) -> None:
         raise ConfigError(f"override {item!r}: value is not valid YAML: {err}") from err
 
 
-def _allowed(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
+def _allowed(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     """Names of the keys allowed at ``loc`` (for unknown-key messages)."""
     current: Any = model
     for part in loc[:-1]:
         field = getattr(current, "model_fields", {}).get(part)
         if field is None:
-            return ""
+            return []
         current = field.annotation
-    fields = getattr(current, "model_fields", None)
-    return ", ".join(sorted(fields)) if fields else ""
+    return sorted(getattr(current, "model_fields", None) or [])
 
 
 def _format_errors(source: str, err: ValidationError) -> str:
@@ -388,7 +388,11 @@ def _format_errors(source: str, err: ValidationError) -> str:
         key = ".".join(str(p) for p in loc) or "(top level)"
         if e["type"] == "extra_forbidden":
             allowed = _allowed(ExperimentConfig, loc)
-            lines.append(f"{source}: unknown key '{key}' (allowed here: {allowed})")
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            lines.append(
+                f"{source}: unknown key '{key}' ({hint}allowed here: {', '.join(allowed)})"
+            )
         else:
             value = e.get("input")
             msg = e["msg"]
