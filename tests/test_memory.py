@@ -172,3 +172,15 @@ def test_state_dict_round_trip_and_generator_state():
     other.push(*batches[3])  # same generator state: the same random pixels
     assert torch.equal(mem.pixel_queue, other.pixel_queue)
     assert torch.equal(mem.bank()[0], other.bank()[0])
+
+
+@pytest.mark.parametrize("mode", ["fifo", "per_image", "none"])
+def test_fill_random_makes_every_slot_a_unit_vector_of_the_bank(mode):
+    memory = ClassMemory(3, dim=8, pixel_size=5, region_mode=mode, region_size=4, num_images=6)
+    memory.fill_random_(seed=1)
+    feats, labels = memory.bank()
+    regions = {"fifo": 4, "per_image": 6, "none": 0}[mode]
+    assert feats.shape == (3 * (5 + regions), 8)
+    assert torch.bincount(labels, minlength=3).tolist() == [5 + regions] * 3
+    torch.testing.assert_close(feats.norm(dim=1), torch.ones(len(feats)))
+    assert len(torch.unique(feats, dim=0)) == len(feats)  # random, not one repeated vector

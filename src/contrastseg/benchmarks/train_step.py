@@ -23,6 +23,8 @@ def _make_step(
     model = build_model(cfg.model, num_classes, with_projection=contrast, backbone_weights=False)
     model = model.to(device).train()
     losses = LossSet(loss_cfg, num_classes, embed_dim=cfg.model.projection_dim).to(device)
+    if contrast and losses.contrast.memory is not None:
+        losses.contrast.memory.fill_random_()  # time the steady state: a full memory
     optim = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
@@ -60,7 +62,8 @@ def run_step_benchmark(
     amp: str = "off",
 ) -> dict:
     """Median s/iter of a full train step (forward, losses, backward, SGD) for the baseline and
-    for the same model with the projection head, sampling, contrast loss and memory update.
+    for the same model with the projection head, sampling, contrast loss and memory update;
+    the memory starts full, as after the first few thousand iterations of a real run.
     The two are interleaved (A, B, A, B, ...) so that machine noise hits both alike. On CUDA
     the peak memory of each variant is reported too (GiB)."""
     dev = torch.device(device)

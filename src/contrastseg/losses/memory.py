@@ -235,6 +235,25 @@ class ClassMemory(SeededModule):
             f"dtype={self.pixel_queue.dtype}"
         )
 
+    @torch.no_grad()
+    def fill_random_(self, seed: int = 0) -> ClassMemory:
+        """Fill every slot with random unit vectors: the memory as it looks once training has
+        run long enough to fill it (benchmarks time that steady state, not an empty memory)."""
+        g = torch.Generator().manual_seed(seed)
+        queues = [self.pixel_queue] + ([self.region_queue] if self.region_mode != "none" else [])
+        for queue in queues:
+            if queue.numel():
+                vectors = torch.randn(queue.shape, generator=g, dtype=torch.float32)
+                queue.copy_(torch.nn.functional.normalize(vectors, dim=-1))
+        self.pixel_count.fill_(self.pixel_size)
+        self.pixel_ptr.zero_()
+        if self.region_mode == "fifo":
+            self.region_count.fill_(self.region_size)
+            self.region_ptr.zero_()
+        elif self.region_mode == "per_image":
+            self.region_filled.fill_(True)
+        return self
+
     # ------------------------------------------------------------------------------ read
     def bank(self, dtype: torch.dtype | None = torch.float32) -> tuple[Tensor, Tensor]:
         """Every filled entry: ``feats (M, D)`` and ``labels (M,)`` (int64).
