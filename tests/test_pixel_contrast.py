@@ -70,11 +70,21 @@ def test_loss_matches_naive_in_batch():
     assert abs(got.item() - naive_loss(feats, labels, TAU, TAU_B)) < 1e-9
 
 
+@pytest.mark.parametrize("cache_bytes", [1 << 30, 0])  # similarities kept / recomputed
 @pytest.mark.parametrize("chunk_elements", [1 << 21, 13])
-def test_loss_matches_naive_with_whole_bank(chunk_elements):
+def test_loss_matches_naive_with_whole_bank(chunk_elements, cache_bytes):
     feats, labels = _unit(12, 5, 2), _labels(12, 3, 3)
     bank, bank_labels = _unit(17, 5, 4), _labels(17, 4, 5)
-    got = contrast_loss(feats, labels, TAU, TAU_B, bank, bank_labels, chunk_elements=chunk_elements)
+    got = contrast_loss(
+        feats,
+        labels,
+        TAU,
+        TAU_B,
+        bank,
+        bank_labels,
+        chunk_elements=chunk_elements,
+        cache_bytes=cache_bytes,
+    )
     want = naive_loss(feats, labels, TAU, TAU_B, bank, bank_labels)
     assert abs(got.item() - want) < 1e-9
 
@@ -92,17 +102,21 @@ def test_loss_matches_naive_with_bank_index():
 
 
 def test_chunked_bank_gradient_equals_unchunked():
+    """Whole bank in one chunk or in chunks of 7 entries, similarities kept or recomputed."""
     feats, labels = _unit(9, 4, 11), _labels(9, 3, 12)
     bank, bank_labels = _unit(20, 4, 13), _labels(20, 3, 14)
     grads = []
-    for chunk in (1 << 21, 7):
+    for chunk, cache in ((1 << 21, 1 << 30), (7, 1 << 30), (7, 0), (1 << 21, 0)):
         x = feats.clone().requires_grad_(True)
-        contrast_loss(x, labels, TAU, TAU_B, bank, bank_labels, chunk_elements=chunk).backward()
+        contrast_loss(
+            x, labels, TAU, TAU_B, bank, bank_labels, chunk_elements=chunk, cache_bytes=cache
+        ).backward()
         grads.append(x.grad)
-    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-12)
+    for other in grads[1:]:
+        torch.testing.assert_close(grads[0], other, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("bank_mode", ["none", "all_chunked", "index"])
+@pytest.mark.parametrize("bank_mode", ["none", "all_chunked", "all_recomputed", "index"])
 def test_gradcheck(bank_mode):
     g = torch.Generator().manual_seed(15)
     x = torch.randn(8, 4, dtype=torch.float64, generator=g, requires_grad=True)
@@ -116,6 +130,10 @@ def test_gradcheck(bank_mode):
             return contrast_loss(z, labels, 0.5, TAU_B)
         if bank_mode == "all_chunked":
             return contrast_loss(z, labels, 0.5, TAU_B, bank, bank_labels, chunk_elements=20)
+        if bank_mode == "all_recomputed":
+            return contrast_loss(
+                z, labels, 0.5, TAU_B, bank, bank_labels, chunk_elements=20, cache_bytes=0
+            )
         return contrast_loss(z, labels, 0.5, TAU_B, bank, bank_labels, index)
 
     assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-7)

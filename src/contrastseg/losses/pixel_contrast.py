@@ -46,6 +46,9 @@ MEMORY_SAMPLING_MODES = ("all", "random", "hardest", "semi_hard")
 # (float32: 8 / 32 MiB per matrix; a chunk holds about 9 such matrices at its peak).
 LOSS_CHUNK_ELEMENTS = 1 << 21
 LOSS_CHUNK_ELEMENTS_GPU = 1 << 23
+# The whole-bank block keeps its N x M similarities between its two forward passes and backward
+# (two matrix products instead of four) while they take at most this many bytes.
+LOSS_CACHE_BYTES = 1 << 30
 SELECT_CHUNK_ELEMENTS = 1 << 24  # 16 Mi elements: 64 MiB per float32 chunk x M matrix
 GATHER_CHUNK_ELEMENTS = 1 << 24  # gathered (chunk, K, D) bank rows
 
@@ -236,23 +239,36 @@ class _GatheredBankBlock:
 class _ChunkedBankBlock:
     """Every bank entry against every anchor, in column chunks of ``cols`` entries.
 
-    Similarities are recomputed in every pass (two in forward, one in backward), so only
-    ``N x cols`` matrices ever exist.
+    The block is streamed: each of its three passes (two in forward, one in backward) visits
+    the chunks in turn. With ``keep_sims`` each chunk's similarity matrix is computed once and
+    kept for the later passes (``N x M`` values in all); without it, it is recomputed in every
+    pass, so that only ``N x cols`` matrices ever exist.
     """
 
     cache = False
 
-    def __init__(self, labels, bank, bank_labels, inv_tau, chunk_elements) -> None:
+    def __init__(self, labels, bank, bank_labels, inv_tau, chunk_elements, keep_sims) -> None:
         self.labels, self.bank, self.bank_labels, self.inv_tau = labels, bank, bank_labels, inv_tau
         M = bank.shape[0]
         self.cols = max(1, min(M, chunk_elements // max(1, labels.shape[0])))
         self.spans = [(s, min(M, s + self.cols)) for s in range(0, M, self.cols)]
         self.num_chunks = len(self.spans)
+        self.kept: dict[int, Tensor] | None = {} if keep_sims else None
 
     def sim(self, z: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
         s, e = self.spans[k]
         same = self.labels[:, None] == self.bank_labels[None, s:e]
-        return (z * self.inv_tau) @ self.bank[s:e].to(z.dtype).T, same, ~same
+        sim = None if self.kept is None else self.kept.get(k)
+        if sim is None:
+            sim = (z * self.inv_tau) @ self.bank[s:e].to(z.dtype).T
+            if self.kept is not None:
+                self.kept[k] = sim
+        return sim, same, ~same  # callers never modify ``sim`` in place: it may be kept
+
+    def release(self, k: int) -> None:
+        """Drop chunk ``k``'s kept similarities (after its last use, in backward)."""
+        if self.kept is not None:
+            self.kept.pop(k, None)
 
     def backprop(self, z: Tensor, k: int, grad_sim: Tensor) -> Tensor:
         s, e = self.spans[k]
@@ -382,6 +398,8 @@ class _ContrastFunction(torch.autograd.Function):
                     g = torch.where(
                         pos, coef_pos[:, None] * r, torch.where(neg, coef_neg * ea, 0.0)
                     )
+                    del sim
+                    b.release(k)
                 grad_z += b.backprop(z, k, g)
         return grad_z, None, None
 
@@ -396,6 +414,7 @@ def contrast_loss(
     bank_index: Tensor | None = None,
     *,
     chunk_elements: int | None = None,
+    cache_bytes: int = LOSS_CACHE_BYTES,
 ) -> Tensor:
     """Supervised InfoNCE over anchors and (optionally) a memory bank, METHOD.md section 3.
 
@@ -428,7 +447,9 @@ def contrast_loss(
     ``LOSS_CHUNK_ELEMENTS`` on CPU, ``LOSS_CHUNK_ELEMENTS_GPU`` elsewhere), recomputing the
     similarities in the two forward passes (maximum and negative sum with an online
     log-sum-exp, then the positive terms) and in backward: peak memory is about nine
-    ``N x cols`` matrices, never ``N x M``.
+    ``N x cols`` matrices, never ``N x M``. When the ``N x M`` similarities take at most
+    ``cache_bytes`` (default ``LOSS_CACHE_BYTES``, 1 GiB) they are computed once and kept until
+    backward instead: two matrix products with the bank instead of four.
     """
     if not temperature > 0 or not base_temperature > 0:
         raise ConfigError(
@@ -455,7 +476,10 @@ def contrast_loss(
             bank = bank_feats.detach().to(z.device)
             bank_labels = bank_labels.reshape(-1).to(z.device, torch.long)
             if bank_index is None:
-                blocks.append(_ChunkedBankBlock(labels, bank, bank_labels, inv_tau, chunk_elements))
+                keep = n * bank.shape[0] * z.element_size() <= cache_bytes
+                blocks.append(
+                    _ChunkedBankBlock(labels, bank, bank_labels, inv_tau, chunk_elements, keep)
+                )
             else:
                 index = bank_index.to(z.device, torch.long)
                 if index.dim() != 2 or index.shape[0] != n:
