@@ -184,3 +184,24 @@ def test_fill_random_makes_every_slot_a_unit_vector_of_the_bank(mode):
     assert torch.bincount(labels, minlength=3).tolist() == [5 + regions] * 3
     torch.testing.assert_close(feats.norm(dim=1), torch.ones(len(feats)))
     assert len(torch.unique(feats, dim=0)) == len(feats)  # random, not one repeated vector
+
+
+@pytest.mark.parametrize("mode", ["fifo", "per_image", "none"])
+def test_slots_hold_exactly_the_entries_of_the_bank(mode):
+    memory = ClassMemory(
+        3, dim=4, pixel_size=5, pixels_per_image=2, region_mode=mode, region_size=3, num_images=4
+    )
+    g = torch.Generator().manual_seed(2)
+    embed = F.normalize(torch.randn(2, 4, 4, 4, generator=g), dim=1)
+    target = torch.randint(0, 3, (2, 4, 4), generator=g)
+    target[0, 0] = 1  # class 1 more often than the others
+    memory.push(embed, target, torch.tensor([0, 2]), generator=g)
+    memory.push(embed.flip(0), target.flip(0), torch.tensor([1, 3]), generator=g)
+    feats, labels = memory.bank()
+    slots, filled = memory.slots()
+    assert filled.shape == (3, 5 + {"fifo": 3, "per_image": 4, "none": 0}[mode])
+    classes = torch.arange(3)[:, None].expand_as(filled)
+    # Class by class, the same entries in the same order (pixels, then regions).
+    for c in range(3):
+        torch.testing.assert_close(slots[c][filled[c]], feats[labels == c])
+    assert torch.equal(torch.sort(classes[filled]).values, torch.sort(labels).values)

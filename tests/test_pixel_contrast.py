@@ -466,3 +466,68 @@ def test_benchmark_rows_and_table():
     assert row["speedup"] == pytest.approx(row["ms_loop"] / row["ms_vectorised"])
     table = format_loss_benchmark(rows)
     assert "speedup" in table.splitlines()[0] and "16x32" in table
+
+
+# ------------------------------------------------------------- whole memory in class slots
+def _slots(num_classes, k, d, seed, fill):
+    """A class memory's layout: ``slots (C, K, D)`` and ``filled (C, K)`` with ~``fill`` set;
+    the unfilled slots hold garbage that must be ignored."""
+    g = torch.Generator().manual_seed(seed)
+    slots = F.normalize(torch.randn(num_classes, k, d, generator=g, dtype=torch.float64), dim=2)
+    filled = torch.rand(num_classes, k, generator=g) < fill
+    return slots, filled
+
+
+def _flat(slots, filled):
+    classes = torch.arange(slots.shape[0])[:, None].expand_as(filled)
+    return slots[filled], classes[filled]
+
+
+@pytest.mark.parametrize("fill", [1.0, 0.6])
+@pytest.mark.parametrize("cache_bytes", [1 << 30, 0])  # class-slot block / streamed fallback
+def test_loss_with_bank_slots_matches_naive(fill, cache_bytes):
+    feats, labels = _unit(11, 5, 30), _labels(11, 4, 31)
+    slots, filled = _slots(4, 6, 5, 32, fill)
+    got = contrast_loss(
+        feats, labels, TAU, TAU_B, bank_slots=(slots, filled), cache_bytes=cache_bytes
+    )
+    want = naive_loss(feats, labels, TAU, TAU_B, *_flat(slots, filled))
+    assert abs(got.item() - want) < 1e-9
+    if fill < 1:  # the unfilled slots really are left out
+        every = (slots.reshape(-1, 5), torch.arange(4).repeat_interleave(6))
+        assert abs(naive_loss(feats, labels, TAU, TAU_B, *every) - want) > 1e-6
+
+
+def test_bank_slots_gradient_equals_the_flat_bank_gradient():
+    feats, labels = _unit(9, 4, 33), _labels(9, 3, 34)
+    slots, filled = _slots(3, 7, 4, 35, 0.7)
+    grads = []
+    for kwargs in (
+        {"bank_slots": (slots, filled)},
+        dict(zip(("bank_feats", "bank_labels"), _flat(slots, filled), strict=True)),
+    ):
+        x = feats.clone().requires_grad_(True)
+        contrast_loss(x, labels, TAU, TAU_B, **kwargs).backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("fill", [1.0, 0.5])
+def test_gradcheck_bank_slots(fill):
+    g = torch.Generator().manual_seed(36)
+    x = torch.randn(8, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, 2, 0])
+    slots, filled = _slots(3, 4, 4, 37, fill)
+
+    def fn(x):
+        return contrast_loss(F.normalize(x, dim=1), labels, 0.5, TAU_B, bank_slots=(slots, filled))
+
+    assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-7)
+
+
+def test_empty_bank_slots_add_nothing():
+    feats, labels = _unit(10, 4, 38), _labels(10, 3, 39)
+    slots, _ = _slots(3, 5, 4, 40, 1.0)
+    empty = torch.zeros(3, 5, dtype=torch.bool)
+    got = contrast_loss(feats, labels, TAU, TAU_B, bank_slots=(slots, empty))
+    assert got.item() == pytest.approx(naive_loss(feats, labels, TAU, TAU_B), abs=1e-12)

@@ -178,6 +178,22 @@ def bench_loss(
     typer.echo(format_loss_benchmark(run_loss_benchmark(**kwargs)))
 
 
+@bench_app.command("memory")
+def bench_memory(
+    anchors: Annotated[int, typer.Option(help="Anchors (N).")] = 1024,
+    classes: Annotated[int, typer.Option(help="Classes (C).")] = 19,
+    slots: Annotated[int, typer.Option(help="Memory entries per class (K).")] = 10_000,
+    repeats: Annotated[int, typer.Option(help="Timed repeats (median).")] = 3,
+    device: Device = "cpu",
+) -> None:
+    """Contrast loss against a full memory (`all`): streamed, kept and class-slot variants."""
+    from contrastseg.benchmarks.memory_loss import format_memory_benchmark, run_memory_benchmark
+
+    times = run_memory_benchmark(anchors, classes, slots, repeats=repeats, device=device)
+    header = f"{anchors} anchors x {classes} classes x {slots} entries, D 256, {device}"
+    typer.echo(format_memory_benchmark(times, header))
+
+
 @bench_app.command("step")
 def bench_step(
     config: Annotated[Path, typer.Argument(help="Experiment YAML (model and contrast settings).")],

@@ -281,6 +281,25 @@ class ClassMemory(SeededModule):
             out = out.to(dtype)
         return out, torch.cat(labels, 0)
 
+    def slots(self, dtype: torch.dtype | None = torch.float32) -> tuple[Tensor, Tensor]:
+        """The memory by class: ``slots (C, K, D)`` and ``filled (C, K)`` (bool), K = pixel
+        slots + region slots of a class; the filled slots hold the entries :meth:`bank` lists.
+        A copy; ``dtype=None`` keeps the storage dtype."""
+        parts = [self.pixel_queue]
+        slot = torch.arange(self.pixel_size, device=self.pixel_queue.device)
+        filled = [slot[None, :] < self.pixel_count[:, None]]
+        if self.region_mode == "fifo":
+            parts.append(self.region_queue)
+            slot = torch.arange(self.region_size, device=slot.device)
+            filled.append(slot[None, :] < self.region_count[:, None])
+        elif self.region_mode == "per_image":
+            parts.append(self.region_queue)
+            filled.append(self.region_filled)
+        out = torch.cat(parts, 1)
+        if dtype is not None:
+            out = out.to(dtype)
+        return out, torch.cat(filled, 1)
+
     def __len__(self) -> int:
         """Number of filled entries (a host sync)."""
         n = int(self.pixel_count.sum())

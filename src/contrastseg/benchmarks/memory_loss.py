@@ -1,0 +1,72 @@
+"""The contrast loss against a full class memory (``all`` sampling), three ways, side by side.
+
+* ``streamed``: the bank as a flat ``(M, D)`` list, similarities recomputed in each of the
+  loss's three passes (``cache_bytes=0``): four products with the memory, bounded memory.
+* ``kept``: the same flat bank, similarities kept between passes: two products.
+* ``slots``: the memory in its own ``(C, K, D)`` layout (what training uses): two products and
+  per-class reductions instead of ``N x M`` masks.
+
+All three compute the same loss (the tests check it against a loop reference).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from contrastseg.benchmarks.timing import interleaved_median_ms
+from contrastseg.losses.pixel_contrast import contrast_loss
+
+VARIANTS = ("streamed", "kept", "slots")
+
+
+def run_memory_benchmark(
+    anchors: int = 1024,
+    classes: int = 19,
+    slots_per_class: int = 10_000,
+    dim: int = 256,
+    repeats: int = 3,
+    device: str = "cpu",
+) -> dict[str, float]:
+    """Median ms of forward + backward of each variant on random unit vectors."""
+    dev = torch.device(device)
+    g = torch.Generator().manual_seed(0)
+    feats = F.normalize(torch.randn(anchors, dim, generator=g), dim=1).to(dev)
+    labels = torch.randint(0, classes, (anchors,), generator=g).to(dev)
+    slots = F.normalize(torch.randn(classes, slots_per_class, dim, generator=g), dim=2).to(dev)
+    filled = torch.ones(classes, slots_per_class, dtype=torch.bool, device=dev)
+    flat = slots.reshape(-1, dim)
+    flat_labels = torch.arange(classes, device=dev).repeat_interleave(slots_per_class)
+    kwargs = {
+        "streamed": {"bank_feats": flat, "bank_labels": flat_labels, "cache_bytes": 0},
+        "kept": {"bank_feats": flat, "bank_labels": flat_labels, "cache_bytes": 1 << 40},
+        "slots": {"bank_slots": (slots, filled), "cache_bytes": 1 << 40},
+    }
+
+    def step(name: str) -> tuple[float, torch.Tensor]:
+        x = feats.clone().requires_grad_(True)
+        loss = contrast_loss(x, labels, 0.1, 0.07, **kwargs[name])
+        loss.backward()
+        return loss.item(), x.grad
+
+    # The variants must agree before their times mean anything.
+    results = [step(name) for name in VARIANTS]
+    spread = max(abs(v - results[0][0]) for v, _ in results) / abs(results[0][0])
+    grad_spread = max(float((g - results[0][1]).abs().max()) for _, g in results)
+    times = interleaved_median_ms([lambda n=n: step(n) for n in VARIANTS], dev, repeats)
+    return {
+        **dict(zip(VARIANTS, times, strict=True)),
+        "loss_rel_diff": spread,
+        "grad_max_diff": grad_spread,
+    }
+
+
+def format_memory_benchmark(result: dict[str, float], header: str) -> str:
+    base = result["streamed"]
+    lines = [header, "variant    ms fwd+bwd  speedup vs streamed"]
+    lines += [f"{name:<9} {result[name]:>12.1f}  {base / result[name]:>8.2f}x" for name in VARIANTS]
+    lines.append(
+        f"same loss: relative difference {result['loss_rel_diff']:.1e}, "
+        f"largest gradient difference {result['grad_max_diff']:.1e}"
+    )
+    return "\n".join(lines)

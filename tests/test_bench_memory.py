@@ -1,0 +1,17 @@
+"""The memory-loss benchmark: its three variants compute the same loss."""
+
+from contrastseg.benchmarks.memory_loss import (
+    VARIANTS,
+    format_memory_benchmark,
+    run_memory_benchmark,
+)
+
+
+def test_memory_benchmark_variants_agree_and_are_timed():
+    result = run_memory_benchmark(anchors=40, classes=5, slots_per_class=30, dim=16, repeats=1)
+    assert result["loss_rel_diff"] < 1e-5
+    assert result["grad_max_diff"] < 1e-6
+    assert all(result[name] > 0 for name in VARIANTS)
+    text = format_memory_benchmark(result, "header")
+    assert text.splitlines()[0] == "header"
+    assert [line.split()[0] for line in text.splitlines()[2:5]] == list(VARIANTS)
