@@ -14,6 +14,8 @@ status=0
   "$py" scripts/gpu_checks.py || status=1
   echo "== contrastseg bench loss --device cuda"
   "$py" -m contrastseg bench loss --device cuda --repeats 5 || status=1
+  echo "== contrastseg bench memory --device cuda"
+  "$py" -m contrastseg bench memory --device cuda --repeats 10 || status=1
   mnv3=configs/cityscapes/deeplabv3_mobilenetv3_contrast.yaml
   for hidden in null 256; do
     echo "== contrastseg bench step (DeepLabV3-MobileNetV3, 2x256x512, projection_hidden $hidden)"
