@@ -1,6 +1,9 @@
+import sys
+
 import pytest
 import torch
 
+from contrastseg import cli
 from contrastseg.config import load_config
 
 
@@ -41,3 +44,18 @@ def tiny_cfg(tmp_path):
         )
 
     return make
+
+
+@pytest.fixture
+def run_cli(monkeypatch):
+    """Run the command line in-process: ``run_cli("eval", ...)`` -> its exit status."""
+
+    def run(*argv: str) -> int:
+        monkeypatch.setattr(sys, "argv", ["contrastseg", *argv])
+        try:
+            cli.main()
+        except SystemExit as exc:
+            return exc.code
+        return 0
+
+    return run

@@ -1,13 +1,11 @@
 """`data check` finds each kind of breakage planted in a fixture and names the file; training
 refuses a broken pair."""
 
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from contrastseg import cli
 from contrastseg.config import load_config
 from contrastseg.data import check_split
 from contrastseg.engine.builders import build_train_dataset
@@ -87,20 +85,11 @@ def test_jpeg_truncation_and_bad_mat_are_found(tmp_path):
     assert [(p.kind, p.path.name) for p in report.problems] == [("unreadable", mat.name)]
 
 
-def _run_cli(monkeypatch, *argv):
-    monkeypatch.setattr(sys, "argv", ["contrastseg", *argv])
-    try:
-        cli.main()
-    except SystemExit as exc:
-        return exc.code
-    return 0
-
-
-def test_cli_prints_table_and_exit_status(tmp_path, monkeypatch, capsys):
+def test_cli_prints_table_and_exit_status(tmp_path, run_cli, capsys):
     root = make_cityscapes(tmp_path / "cs", SPLITS)
     config = tmp_path / "cs.yaml"
     config.write_text(f"data:\n  name: cityscapes\n  root: {root}\n")
-    assert _run_cli(monkeypatch, "data", "check", str(config), "--workers", "2") == 0
+    assert run_cli("data", "check", str(config), "--workers", "2") == 0
     out = capsys.readouterr().out
     assert "cityscapes train: 3 samples checked, no problems" in out
     assert "cityscapes val: 2 samples checked, no problems" in out
@@ -108,7 +97,7 @@ def test_cli_prints_table_and_exit_status(tmp_path, monkeypatch, capsys):
 
     bad = _path(root, CS, "val", "frankfurt_000000_000294")
     bad.write_bytes(bad.read_bytes()[:100])
-    assert _run_cli(monkeypatch, "data", "check", str(config), "--split", "val") == 1
+    assert run_cli("data", "check", str(config), "--split", "val") == 1
     out = capsys.readouterr().out
     assert "1 problem(s)" in out and str(bad) in out and "truncated" in out
 

@@ -43,7 +43,8 @@ def overrides(root, name):
     ]
 
 
-def _worker(rank, world, port, root, reference_ckpt):
+def join_as(rank, world, port):
+    """The environment torchrun gives process ``rank``; one thread, float64 by default."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -53,6 +54,10 @@ def _worker(rank, world, port, root, reference_ckpt):
     )
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
+
+
+def _worker(rank, world, port, root, reference_ckpt):
+    join_as(rank, world, port)
     cfg = load_config(None, overrides(root, "ddp"))
     Trainer(cfg, progress=False).fit()  # joins the process group
     model, _, _ = load_trained_model(reference_ckpt, "cpu")

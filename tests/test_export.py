@@ -2,14 +2,16 @@
 graph, the sidecar, `predict --onnx`, and the errors for bad options."""
 
 import json
-import sys
 from types import SimpleNamespace
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from PIL import Image
 from torch import nn
+from typer.testing import CliRunner
 
 from contrastseg import cli, export_checkpoint, predict, train
 from contrastseg import export as export_module
@@ -19,19 +21,7 @@ from contrastseg.errors import CheckpointError, ConfigError, ContrastSegError
 from contrastseg.inference import load_trained_model
 from contrastseg.models.segmentor import InferenceModel
 
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
-
 SIZES = [(1, 3, 64, 64), (2, 3, 48, 80)]
-
-
-def run_cli(monkeypatch, *argv):
-    monkeypatch.setattr(sys, "argv", ["contrastseg", *argv])
-    try:
-        cli.main()
-    except SystemExit as exc:
-        return exc.code
-    return 0
 
 
 @pytest.fixture(scope="module")
@@ -64,12 +54,10 @@ def exported(tmp_path_factory):
     result = train(cfg, progress=False)
     path = ckpt.list_checkpoints(result.run_dir / "checkpoints")[-1]
     onnx_path = root / "model.onnx"
-    mp = pytest.MonkeyPatch()
-    try:
-        code = run_cli(mp, "export", str(path), "--format", "onnx", "--out", str(onnx_path))
-    finally:
-        mp.undo()
-    assert code == 0
+    done = CliRunner().invoke(
+        cli.app, ["export", str(path), "--format", "onnx", "--out", str(onnx_path)]
+    )
+    assert done.exit_code == 0, done.output
     ts = export_checkpoint(path, format="torchscript")
     segmentor, _, state = load_trained_model(path)
     return SimpleNamespace(
@@ -161,7 +149,7 @@ def test_sidecar_describes_the_model(exported):
     assert ts_info["format"] == "torchscript" and ts_info["opset"] is None
 
 
-def test_predict_onnx_writes_the_pytorch_masks(exported, tmp_path, monkeypatch):
+def test_predict_onnx_writes_the_pytorch_masks(exported, tmp_path, run_cli):
     images = tmp_path / "imgs"
     images.mkdir()
     gen = np.random.default_rng(0)
@@ -169,7 +157,6 @@ def test_predict_onnx_writes_the_pytorch_masks(exported, tmp_path, monkeypatch):
     Image.fromarray(gen.integers(0, 256, (33, 47, 3), dtype=np.uint8)).save(images / "b.jpg")
     predict(exported.checkpoint, [images], tmp_path / "torch")
     code = run_cli(
-        monkeypatch,
         "predict",
         str(images),
         "--onnx",
@@ -184,7 +171,7 @@ def test_predict_onnx_writes_the_pytorch_masks(exported, tmp_path, monkeypatch):
         assert got.shape == ref.shape and np.array_equal(got, ref), name
 
 
-def test_bad_options_name_the_value(exported, tmp_path, monkeypatch, capsys):
+def test_bad_options_name_the_value(exported, tmp_path, run_cli, capsys):
     with pytest.raises(ConfigError, match="'tflite'"):
         export_checkpoint(exported.checkpoint, format="tflite")
     with pytest.raises(ConfigError, match="opset 17"):
@@ -195,14 +182,14 @@ def test_bad_options_name_the_value(exported, tmp_path, monkeypatch, capsys):
         export_checkpoint(tmp_path / "missing.pt")
     lone = tmp_path / "lone.onnx"
     lone.write_bytes(exported.onnx.read_bytes())
-    assert run_cli(monkeypatch, "predict", str(tmp_path), "--onnx", str(lone)) == 2
+    assert run_cli("predict", str(tmp_path), "--onnx", str(lone)) == 2
     assert "lone.onnx.json: sidecar not found" in capsys.readouterr().err
-    assert run_cli(monkeypatch, "export", str(exported.checkpoint), "--format", "tflite") == 2
+    assert run_cli("export", str(exported.checkpoint), "--format", "tflite") == 2
     assert "'tflite'" in capsys.readouterr().err
     args = ["predict", str(tmp_path), "--checkpoint", str(exported.checkpoint)]
-    assert run_cli(monkeypatch, *args, "--onnx", str(exported.onnx)) == 2
+    assert run_cli(*args, "--onnx", str(exported.onnx)) == 2
     assert "got both" in capsys.readouterr().err
-    assert run_cli(monkeypatch, "predict", str(tmp_path)) == 2
+    assert run_cli("predict", str(tmp_path)) == 2
     assert "got neither" in capsys.readouterr().err
 
 

@@ -18,15 +18,6 @@ from contrastseg.viz.compare import (
 from contrastseg.viz.components import component_boxes, label_components
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: two threads on busy shared cores are many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def scene():
     """Target all background (0) except where noted; baseline and ours start equal to it."""
     h, w = 10, 18

@@ -23,15 +23,6 @@ from contrastseg.viz.embeddings import (
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: two threads on busy shared cores are many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_downsample_labels_takes_the_mode_per_cell():
     mask = np.array(
         [

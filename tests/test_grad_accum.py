@@ -1,6 +1,5 @@
 """Gradient accumulation: a step in micro-batches equals the full-batch step."""
 
-import os
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from contrastseg.config import load_config
 from contrastseg.engine import checkpoint as ckpt
 from contrastseg.engine.trainer import Trainer, collate_train
 from contrastseg.errors import ConfigError
-from test_ddp_training import free_port, overrides
+from test_ddp_training import free_port, join_as, overrides
 
 
 def _float64_trainer(cfg) -> Trainer:
@@ -90,15 +89,7 @@ def test_contrast_with_accumulation_trains_and_fills_the_memory(tiny_cfg):
 
 
 def _worker(rank, world, port, root):
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
-    torch.set_default_dtype(torch.float64)
+    join_as(rank, world, port)
     cfg = load_config(None, [*overrides(root, "ddp"), "train.batch_size=4", "train.grad_accum=2"])
     Trainer(cfg, progress=False).fit()
     dist.destroy_process_group()
