@@ -288,11 +288,11 @@ class _ClassSlotBankBlock:
 
     num_chunks = 0  # not one of the cached/streamed (sim, pos, neg) blocks
 
-    def __init__(self, labels: Tensor, slots: Tensor, valid: Tensor, inv_tau: float) -> None:
+    def __init__(self, labels, slots, valid, inv_tau: float, all_valid: bool) -> None:
         C, K, D = slots.shape
         self.labels, self.valid, self.inv_tau = labels, valid, inv_tau
         self.flat = slots.reshape(C * K, D)
-        self.all_valid = bool(valid.all())  # one host sync; the usual case once memory is full
+        self.all_valid = all_valid  # the usual case once the memory is full: no masking
         self.own = labels[:, None, None].expand(labels.shape[0], 1, K)  # gather/scatter index
 
     def negative_max(self, z: Tensor) -> tuple[Tensor, Tensor]:
@@ -555,10 +555,12 @@ def contrast_loss(
                     f"{tuple(slots.shape)} and {tuple(filled.shape)}"
                 )
             filled = filled.bool()
-            if not bool(filled.any()):  # an empty memory adds nothing
+            count = int(filled.sum())  # one host sync: empty, full or in between
+            if count == 0:  # an empty memory adds nothing
                 pass
             elif n * slots.shape[0] * slots.shape[1] * z.element_size() <= cache_bytes:
-                blocks.append(_ClassSlotBankBlock(labels, slots, filled, inv_tau))
+                full = count == filled.numel()
+                blocks.append(_ClassSlotBankBlock(labels, slots, filled, inv_tau, full))
             else:  # too big to keep: the streamed whole-bank block on the filled entries
                 classes = torch.arange(slots.shape[0], device=z.device)[:, None]
                 bank_feats = slots[filled]
