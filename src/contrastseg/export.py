@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ import numpy as np
 import torch
 
 from contrastseg.errors import ConfigError, ContrastSegError
+from contrastseg.files import atomic_write
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 DEFAULT_OPSET = 18  # the lowest opset the torch.onnx (dynamo) exporter writes natively
@@ -109,6 +108,8 @@ def export_checkpoint(
     out = Path(out) if out is not None else default_output(checkpoint, format)
     if out.resolve() == checkpoint.resolve():
         raise ConfigError(f"--out {out}: that is the checkpoint itself; choose another path")
+    if out.is_dir():
+        raise ConfigError(f"--out {out}: is a folder; give a file name")
     segmentor, cfg, state = load_trained_model(checkpoint, "cpu")
     net = InferenceModel(segmentor).eval()
 
@@ -129,10 +130,10 @@ def export_checkpoint(
             )
         return diff
 
-    diff = _atomic_write(out, write_and_verify)
+    diff = atomic_write(out, write_and_verify)
     info = sidecar(cfg, state, segmentor, checkpoint, out, format, opset, diff, tolerance)
     side = sidecar_path(out)
-    _atomic_write(side, lambda p: p.write_text(json.dumps(info, indent=2) + "\n"))
+    atomic_write(side, lambda p: p.write_text(json.dumps(info, indent=2) + "\n"))
     return ExportResult(out, side, diff)
 
 
@@ -274,22 +275,3 @@ def _max_abs_diff(net: torch.nn.Module, run: Callable[[np.ndarray], np.ndarray])
             )
         worst = max(worst, float(np.abs(got - ref).max()))
     return worst
-
-
-def _atomic_write(path: Path, write: Callable[[Path], float | None]):
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``;
-    on failure the temporary file is removed and ``path`` is untouched. Returns what
-    ``write`` returns."""
-    path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"--out {path}: is a folder; give a file name")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        result = write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return result

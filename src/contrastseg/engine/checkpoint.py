@@ -1,16 +1,15 @@
-"""Atomic checkpoint files: write to a temporary file, flush, fsync, rename."""
+"""Checkpoint files: atomic writes, versioned contents, loading with clear errors, rotation."""
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from contrastseg.errors import CheckpointError
+from contrastseg.files import atomic_write
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^iter_(\d+)\.pt$")
@@ -18,23 +17,12 @@ _NAME = re.compile(r"^iter_(\d+)\.pt$")
 
 def atomic_save(obj: Any, path: Path) -> None:
     """Save ``obj`` with torch.save so that ``path`` is either the old file or the new one whole."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+
+    atomic_write(path, save)
 
 
 def load_checkpoint(path: Path) -> dict:
