@@ -21,14 +21,16 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
 def load_trained_model(
-    path: Path, device: str | torch.device = "cpu"
+    path: Path, device: str | torch.device = "cpu", with_projection: bool = False
 ) -> tuple[Segmentor, ExperimentConfig, dict]:
-    """Rebuild the inference model of a checkpoint (without training-only heads), in eval mode."""
+    """Rebuild the model of a checkpoint in eval mode: without the projection head, or with it
+    (``with_projection``) when the checkpoint has one (it was trained with pixel contrast)."""
     state = load_checkpoint(Path(path))
     cfg = ExperimentConfig.model_validate(state["config"])
     num_classes = len(state["class_names"])
-    model = build_model(cfg.model, num_classes, with_projection=False, backbone_weights=False)
-    weights = {k: v for k, v in state["model"].items() if not k.startswith("projection.")}
+    keep = with_projection and any(k.startswith("projection.") for k in state["model"])
+    model = build_model(cfg.model, num_classes, with_projection=keep, backbone_weights=False)
+    weights = {k: v for k, v in state["model"].items() if keep or not k.startswith("projection.")}
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:

@@ -22,10 +22,8 @@ import torch.nn.functional as F
 
 from contrastseg.config import ExperimentConfig
 from contrastseg.data import normalize
-from contrastseg.engine.checkpoint import load_checkpoint
-from contrastseg.engine.runtime import resolve_device
 from contrastseg.errors import CheckpointError, ContrastSegError, DataError
-from contrastseg.models import Segmentor, build_model
+from contrastseg.models import Segmentor
 from contrastseg.viz.samples import open_split
 from contrastseg.viz.save import legend_columns, save_figure
 
@@ -64,19 +62,10 @@ class EmbeddingModel:
 def load_embedding_model(path: Path, device: str | torch.device = "cpu") -> EmbeddingModel:
     """Rebuild a checkpoint's model with its projection head when it has one (``projection.*``
     weights, i.e. it was trained with pixel contrast), in eval mode."""
-    path = Path(path)
-    state = load_checkpoint(path)
-    cfg = ExperimentConfig.model_validate(state["config"])
-    has_projection = any(k.startswith("projection.") for k in state["model"])
-    model = build_model(
-        cfg.model, len(state["class_names"]), with_projection=has_projection, backbone_weights=False
-    )
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        raise CheckpointError(f"{path}: weights do not fit the model of its config: {err}") from err
-    device = resolve_device(device) if isinstance(device, str) else device
-    return EmbeddingModel(model.to(device).eval(), cfg, state, has_projection)
+    from contrastseg.inference import load_trained_model
+
+    model, cfg, state = load_trained_model(Path(path), device, with_projection=True)
+    return EmbeddingModel(model, cfg, state, model.projection is not None)
 
 
 @torch.no_grad()
