@@ -8,8 +8,7 @@ import torch
 
 from contrastseg.errors import ConfigError
 from contrastseg.losses.aaf import AAFLoss, aaf_loss, aaf_masks, aaf_terms, neighbour_offsets
-
-IGN = 255
+from loss_cases import IGN, logits_and_target
 
 
 @pytest.fixture(autouse=True)
@@ -56,10 +55,8 @@ def slow_aaf(logits, target, w_edge, w_nonedge, distances, margin, ignore=IGN):
 
 def random_case(seed, shape=(1, 3, 4, 5), ignore_frac=0.15):
     g = torch.Generator().manual_seed(seed)
-    B, C, H, W = shape
-    logits = (2 * torch.randn(shape, generator=g, dtype=torch.float64)).requires_grad_(True)
-    target = torch.randint(0, C, (B, H, W), generator=g)
-    target[torch.rand(B, H, W, generator=g) < ignore_frac] = IGN
+    logits, target = logits_and_target(g, shape, ignore_frac)
+    C = shape[1]
     S = 3
     w_e = torch.rand(C, S, generator=g, dtype=torch.float64).requires_grad_(True)
     w_ne = torch.rand(C, S, generator=g, dtype=torch.float64).requires_grad_(True)

@@ -1,7 +1,6 @@
 """`data check` finds each kind of breakage planted in a fixture and names the file; training
 refuses a broken pair."""
 
-
 import numpy as np
 import pytest
 from PIL import Image

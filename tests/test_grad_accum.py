@@ -1,6 +1,5 @@
 """Gradient accumulation: a step in micro-batches equals the full-batch step."""
 
-
 import pytest
 import torch
 import torch.distributed as dist

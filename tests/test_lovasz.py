@@ -9,8 +9,7 @@ from contrastseg.config import load_config
 from contrastseg.errors import ConfigError
 from contrastseg.losses.loss_set import LossSet
 from contrastseg.losses.lovasz import lovasz_softmax
-
-IGN = 255
+from loss_cases import IGN, logits_and_target
 
 
 @pytest.fixture(autouse=True)
@@ -69,12 +68,7 @@ def slow_lovasz(logits, target, classes="present", per_image=False, ignore=IGN):
 
 
 def random_case(seed, shape=(2, 3, 4, 5), ignore_frac=0.2):
-    g = torch.Generator().manual_seed(seed)
-    B, C, H, W = shape
-    logits = (2 * torch.randn(shape, generator=g, dtype=torch.float64)).requires_grad_(True)
-    target = torch.randint(0, C, (B, H, W), generator=g)
-    target[torch.rand(B, H, W, generator=g) < ignore_frac] = IGN
-    return logits, target
+    return logits_and_target(torch.Generator().manual_seed(seed), shape, ignore_frac)
 
 
 @pytest.mark.parametrize("classes", ["present", "all"])
