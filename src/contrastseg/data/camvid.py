@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from contrastseg.data.check import IGNORE_INDEX, PairedSource, index_files, label_table, pair_files
+from contrastseg.data.check import IGNORE_INDEX, PairedSource, label_table
 from contrastseg.errors import DataError
 
 CAMVID_CLASSES: tuple[str, ...] = (
@@ -81,13 +81,11 @@ class CamVidDataset(PairedSource):
         for directory in (image_dir, label_dir):
             if not directory.is_dir():
                 raise DataError(f"{directory} is missing; see docs/datasets.md (CamVid)")
-        self._set_pairs(
-            *pair_files(
-                f"CamVid {split}",
-                index_files(image_dir, ".png"),
-                index_files(label_dir, ".png"),
-                lambda n: image_dir / f"{n}.png",
-                lambda n: label_dir / f"{n}.png",
-                strict=bool(strict),
-            )
+        self._pair_folders(
+            f"CamVid {split}",
+            image_dir,
+            ".png",
+            label_dir,
+            ".png",
+            strict,
         )

@@ -182,6 +182,30 @@ class PairedSource:
         self._lut = np.where(table < 0, IGNORE_INDEX, table).astype(np.uint8)
         self._unknown = table < 0
 
+    def _pair_folders(
+        self,
+        where: str,
+        image_dir: Path,
+        image_ext: str,
+        label_dir: Path,
+        label_ext: str,
+        strict: bool,
+        names: list[str] | None = None,
+    ) -> None:
+        """Keep the pairs ``image_dir/NAME{image_ext}``, ``label_dir/NAME{label_ext}``: every
+        name found, or ``names`` in that order (see :func:`pair_files`)."""
+        self._set_pairs(
+            *pair_files(
+                where,
+                index_files(image_dir, image_ext),
+                index_files(label_dir, label_ext),
+                lambda n: image_dir / f"{n}{image_ext}",
+                lambda n: label_dir / f"{n}{label_ext}",
+                names=names,
+                strict=bool(strict),
+            )
+        )
+
     def __len__(self) -> int:
         return len(self._names)
 

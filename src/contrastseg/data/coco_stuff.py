@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from contrastseg.data.check import IGNORE_INDEX, PairedSource, index_files, label_table, pair_files
+from contrastseg.data.check import IGNORE_INDEX, PairedSource, label_table
 from contrastseg.data.folder import _read_list
 from contrastseg.data.palettes import default_palette
 from contrastseg.errors import DataError
@@ -135,15 +135,13 @@ class CocoStuffDataset(PairedSource):
                 raise DataError(
                     f"{directory} is missing; unpack {archive} as docs/datasets.md describes"
                 )
-        self._set_pairs(
-            *pair_files(
-                f"COCO-Stuff 164k {folder}",
-                index_files(image_dir, ".jpg"),
-                index_files(label_dir, ".png"),
-                lambda n: image_dir / f"{n}.jpg",
-                lambda n: label_dir / f"{n}.png",
-                strict=bool(strict),
-            )
+        self._pair_folders(
+            f"COCO-Stuff 164k {folder}",
+            image_dir,
+            ".jpg",
+            label_dir,
+            ".png",
+            strict,
         )
 
     def _init_10k(self, root: Path, split: str, strict: bool) -> None:
@@ -161,16 +159,14 @@ class CocoStuffDataset(PairedSource):
         for directory in (image_dir, label_dir):
             if not directory.is_dir():
                 raise DataError(f"{directory} is missing; unpack cocostuff-10k-v1.1.zip")
-        self._set_pairs(
-            *pair_files(
-                f"COCO-Stuff 10k {split} ({list_file})",
-                index_files(image_dir, ".jpg"),
-                index_files(label_dir, ".mat"),
-                lambda n: image_dir / f"{n}.jpg",
-                lambda n: label_dir / f"{n}.mat",
-                names=names,
-                strict=bool(strict),
-            )
+        self._pair_folders(
+            f"COCO-Stuff 10k {split} ({list_file})",
+            image_dir,
+            ".jpg",
+            label_dir,
+            ".mat",
+            strict,
+            names=names,
         )
 
     def read_label_ids(self, path: Path) -> np.ndarray:

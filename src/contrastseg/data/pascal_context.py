@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from contrastseg.data.check import IGNORE_INDEX, PairedSource, index_files, label_table, pair_files
+from contrastseg.data.check import IGNORE_INDEX, PairedSource, label_table
 from contrastseg.data.folder import _read_list
 from contrastseg.data.palettes import default_palette
 from contrastseg.errors import DataError
@@ -158,14 +158,12 @@ class PascalContextDataset(PairedSource):
         for directory in (image_dir, label_dir):
             if not directory.is_dir():
                 raise DataError(f"{directory} is missing; see docs/datasets.md (PASCAL-Context)")
-        self._set_pairs(
-            *pair_files(
-                f"PASCAL-Context {split} ({list_file})",
-                index_files(image_dir, ".jpg"),
-                index_files(label_dir, ".png"),
-                lambda n: image_dir / f"{n}.jpg",
-                lambda n: label_dir / f"{n}.png",
-                names=names,
-                strict=bool(strict),
-            )
+        self._pair_folders(
+            f"PASCAL-Context {split} ({list_file})",
+            image_dir,
+            ".jpg",
+            label_dir,
+            ".png",
+            strict,
+            names=names,
         )
