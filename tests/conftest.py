@@ -5,6 +5,7 @@ import torch
 
 from contrastseg import cli
 from contrastseg.config import load_config
+from tiny import TINY
 
 
 @pytest.fixture(autouse=True)
@@ -20,21 +21,15 @@ def tiny_cfg(tmp_path):
         return load_config(
             None,
             [
-                "data.name=synthetic",
+                *TINY,
                 "data.train_size=16",
                 "data.val_size=6",
-                "data.image_size=[64, 64]",
-                "data.crop_size=[48, 48]",
-                "model.head_channels=16",
-                "model.aux_channels=8",
-                "model.projection_dim=16",
                 "train.iters=6",
                 "train.batch_size=4",
                 "train.log_every=1",
                 "train.checkpoint_every=3",
                 "train.keep_checkpoints=5",
                 "train.deterministic=true",
-                "train.device=cpu",
                 "eval.batch_size=3",
                 "eval.figure_images=2",
                 f"output.root={tmp_path}",

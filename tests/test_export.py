@@ -20,6 +20,7 @@ from contrastseg.engine import checkpoint as ckpt
 from contrastseg.errors import CheckpointError, ConfigError, ContrastSegError
 from contrastseg.inference import load_trained_model
 from contrastseg.models.segmentor import InferenceModel
+from tiny import TINY
 
 SIZES = [(1, 3, 64, 64), (2, 3, 48, 80)]
 
@@ -32,19 +33,13 @@ def exported(tmp_path_factory):
     cfg = load_config(
         None,
         [
-            "data.name=synthetic",
+            *TINY,
             "data.train_size=8",
             "data.val_size=2",
-            "data.image_size=[64, 64]",
-            "data.crop_size=[48, 48]",
-            "model.head_channels=16",
-            "model.aux_channels=8",
-            "model.projection_dim=16",
             "loss.contrast.enabled=true",
             "train.iters=2",
             "train.batch_size=4",
             "train.checkpoint_every=2",
-            "train.device=cpu",
             "eval.batch_size=2",
             "eval.figure_images=1",
             f"output.root={root}",

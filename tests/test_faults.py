@@ -11,6 +11,7 @@ import torch
 from contrastseg.engine import checkpoint as ckpt
 from contrastseg.engine.trainer import Trainer, open_metrics_log
 from contrastseg.errors import TrainingError
+from tiny import TINY
 
 
 def poison(trainer, bad_iterations):
@@ -102,7 +103,7 @@ def test_repeated_nans_stop_with_a_checkpoint_of_the_last_good_state(tiny_cfg):
 SCRIPT = """
 import sys, time
 from contrastseg import load_config
-from contrastseg.engine.trainer import Trainer, open_metrics_log
+from contrastseg.engine.trainer import Trainer
 from contrastseg.errors import TrainingInterrupted
 resume = sys.argv[1] == "resume"
 trainer = Trainer(load_config(None, sys.argv[2:]), resume=resume, progress=False)
@@ -125,16 +126,12 @@ def overrides(root, name):
     return [
         "data.train_size=16",
         "data.val_size=6",
-        "data.image_size=[64, 64]",
-        "data.crop_size=[48, 48]",
-        "model.head_channels=16",
-        "model.aux_channels=8",
+        *TINY,
         "train.iters=8",
         "train.batch_size=4",
         "train.log_every=1",
         "train.checkpoint_every=100",
         "train.deterministic=true",
-        "train.device=cpu",
         "train.threads=1",
         "eval.figure_images=0",
         f"output.root={root}",

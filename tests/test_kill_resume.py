@@ -22,6 +22,7 @@ from contrastseg import load_config
 from contrastseg.engine import checkpoint as ckpt
 from contrastseg.engine.trainer import Trainer
 from contrastseg.errors import CheckpointError
+from tiny import TINY
 
 ITERS = 12
 EVERY = 3  # train.checkpoint_every
@@ -48,11 +49,7 @@ def overrides(root, name):
     return [
         "data.train_size=16",
         "data.val_size=4",
-        "data.image_size=[64, 64]",
-        "data.crop_size=[48, 48]",
-        "model.head_channels=16",
-        "model.aux_channels=8",
-        "model.projection_dim=16",
+        *TINY,
         "loss.contrast.enabled=true",
         "loss.contrast.max_samples=64",
         "loss.contrast.max_views=4",  # the 6x6 embedding grid of a 48x48 crop has few pixels
@@ -66,7 +63,6 @@ def overrides(root, name):
         f"train.checkpoint_every={EVERY}",
         "train.keep_checkpoints=2",
         "train.deterministic=true",
-        "train.device=cpu",
         "train.threads=1",
         "eval.batch_size=4",
         "eval.figure_images=0",
