@@ -21,10 +21,8 @@ from contrastseg.engine import checkpoint as ckpt
 from contrastseg.engine.builders import build_eval_dataset, build_train_dataset
 from contrastseg.engine.distributed import (
     all_processes_agree,
-    all_reduce_sum,
     convert_sync_batchnorm,
     init_distributed,
-    is_distributed,
     mean_over_processes,
 )
 from contrastseg.engine.evaluator import evaluate, format_table, write_eval_json
@@ -34,6 +32,7 @@ from contrastseg.engine.sampling import EpochIndexed, IterationBatchSampler
 from contrastseg.engine.signals import StopSignal
 from contrastseg.errors import CheckpointError, ConfigError, TrainingError, TrainingInterrupted
 from contrastseg.losses import LossSet
+from contrastseg.losses.loss_set import labelled_pixels_per_process
 from contrastseg.models import build_model
 from contrastseg.viz.figures import save_prediction_figure
 
@@ -64,16 +63,6 @@ def check_micro_batches(batch_size: int, grad_accum: int, world_size: int) -> No
             f"train.grad_accum = {grad_accum} equal micro-batches: make batch_size a multiple "
             f"of {world_size * grad_accum}"
         )
-
-
-def step_pixel_normalizer(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """Labelled pixels of a whole step over every process, / world size (float64, one
-    all-reduce under DDP): the CE normaliser of each micro-batch under gradient accumulation."""
-    count = (target != ignore_index).sum().to(torch.float64)
-    if not is_distributed():
-        return count
-    all_reduce_sum(count)
-    return count / torch.distributed.get_world_size()
 
 
 def collate_train(items: list[dict]) -> dict:
@@ -251,7 +240,8 @@ class Trainer:
         accum = self.cfg.train.grad_accum
         norm, fraction = None, 1.0
         if accum > 1:
-            norm = step_pixel_normalizer(target, self.loss_set.ignore_index)
+            # CE of each micro-batch is divided by the labelled pixels of the whole step.
+            norm = labelled_pixels_per_process(target, self.loss_set.ignore_index)
             fraction = 1.0 / accum
         self.optimizer.zero_grad(set_to_none=True)
         # Batch-norm running statistics change in the forward pass: a skipped step restores them.

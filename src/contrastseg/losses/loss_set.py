@@ -14,13 +14,19 @@ from contrastseg.losses.ohem import ohem_mask
 from contrastseg.losses.rmi import rmi_loss
 
 
-def global_pixel_normalizer(target: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
-    """Under DDP: labelled pixels of the global batch / world size (one all-reduce); else None."""
-    if not is_distributed():
-        return None
+def labelled_pixels_per_process(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Labelled pixels of ``target`` summed over every process, / world size (float64; one
+    all-reduce under DDP, the local count in one process)."""
     count = (target != ignore_index).sum().to(torch.float64)
+    if not is_distributed():
+        return count
     all_reduce_sum(count)
     return count / torch.distributed.get_world_size()
+
+
+def global_pixel_normalizer(target: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
+    """Under DDP: labelled pixels of the global batch / world size (one all-reduce); else None."""
+    return labelled_pixels_per_process(target, ignore_index) if is_distributed() else None
 
 
 class LossSet(nn.Module):
