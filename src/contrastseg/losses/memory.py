@@ -496,5 +496,6 @@ class ClassMemory(SeededModule):
 
 
 def _check_int(name: str, value, minimum: int) -> None:
+    """A ConfigError unless ``value`` is an int (not a bool) >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{name}={value!r} is invalid; allowed values: integers >= {minimum}")

@@ -29,6 +29,7 @@ from contrastseg.losses.memory import (
     ClassMemory,
     LazyGenerator,
     SeededModule,
+    _check_int,
     random_group_ranks,
 )
 
@@ -843,8 +844,3 @@ class PixelContrastLoss(SeededModule):
         if self.memory is not None:
             self.memory.push(embed.detach(), labels, image_ids, generator=gen)
         return loss
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name}={value!r} is invalid; allowed values: integers >= {minimum}")
