@@ -2,6 +2,7 @@
 
 import csv
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from typer.testing import CliRunner
 from contrastseg.cli import app
 from contrastseg.config import load_config, save_config
 from contrastseg.errors import ContrastSegError
-from contrastseg.report import format_csv, format_markdown, percent, write_report
+from contrastseg.report import FLAG, format_csv, format_markdown, percent, write_report
 from contrastseg.rundir import load_run, load_runs, median_s_per_iter
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "cityscapes"
@@ -158,28 +159,34 @@ def test_gain_uses_the_printed_percentages():
     assert str(percent(0.59186) - percent(0.57714)) == "1.48"
 
 
-def test_contrast_runs_of_one_baseline_are_ordered_by_run_dir(tmp_path):
+def test_runs_of_one_row_are_pooled_whatever_the_argument_order(tmp_path):
     base = make_run(tmp_path, "hrnetv2_w48_ce.yaml", 0.8, times=[1, 1])
     b = make_run(tmp_path, "hrnetv2_w48_contrast.yaml", 0.81, name="b_contrast", times=[1, 2])
     a = make_run(tmp_path, "hrnetv2_w48_contrast.yaml", 0.82, name="a_contrast", times=[1, 3])
     first = format_csv(load_runs([b, base, a]), "1")
     assert first == format_csv(load_runs([a, b, base]), "1")
     rows = list(csv.DictReader(first.splitlines()))
-    assert [(Path(r["run"]).name, r["gain"]) for r in rows] == [
-        ("hrnetv2_w48_ce", ""),
-        ("a_contrast", "+2.00"),
-        ("b_contrast", "+1.00"),
+    got = [(r["run"], r["n"], r["miou"], r["miou_std"], r["gain"], r["s_per_iter"]) for r in rows]
+    assert got == [
+        (str(base), "1", "80.00", "", "", "1.00"),
+        # the runs of a row in path order; std of 81 and 82: sqrt(0.5) = 0.7071...
+        (f"{a};{b}", "2", "81.50", "0.71", "+1.50", "2.50"),
     ]
+    assert rows[1]["baseline"] == str(base) and rows[1]["flag"] == ""
 
 
-def test_two_baselines_for_one_contrast_run_is_an_error(tmp_path):
+def test_two_ce_runs_of_a_contrast_run_form_one_baseline(tmp_path):
     runs = [
         make_run(tmp_path, "hrnetv2_w48_ce.yaml", 0.8, name="ce_1"),
-        make_run(tmp_path, "hrnetv2_w48_ce.yaml", 0.79, name="ce_2"),
+        make_run(tmp_path, "hrnetv2_w48_ce.yaml", 0.79, name="ce_2", overrides=["train.seed=3"]),
         make_run(tmp_path, "hrnetv2_w48_contrast.yaml", 0.81),
     ]
-    with pytest.raises(ContrastSegError, match="ce_1 and .*ce_2 are both CE-only runs"):
-        format_markdown(load_runs(runs), "1")
+    rows = list(csv.DictReader(format_csv(load_runs(runs), "1").splitlines()))
+    assert [(r["n"], r["miou"], r["gain"]) for r in rows] == [
+        ("2", "79.50", ""),
+        ("1", "81.00", "+1.50"),
+    ]
+    assert rows[1]["baseline"] == f"{runs[0]};{runs[1]}"
 
 
 def test_baselines_match_only_on_the_same_data_set(tmp_path):
@@ -251,3 +258,132 @@ def test_cli_rejects_an_unknown_table(table1_runs):
     result = CliRunner().invoke(app, ["report", str(table1_runs[0]), "--table", "3"])
     assert isinstance(result.exception, ContrastSegError)
     assert "--table '3'" in str(result.exception)
+
+
+# ------------------------------------------------------------------ tables over seeds
+CE_SEEDS = (0.8011, 0.8052, 0.7987)
+CONTRAST_SEEDS = (0.8143, 0.8101, 0.8170)
+
+
+def seed_runs(root: Path, ce=CE_SEEDS, contrast=CONTRAST_SEEDS, extra=()) -> list[Path]:
+    """One CE and one contrast run per seed, the configs otherwise identical."""
+    runs = []
+    for config, values, times in (
+        ("hrnetv2_w48_ce.yaml", ce, (1.6, 1.7, 1.8)),
+        ("hrnetv2_w48_contrast.yaml", contrast, (1.9, 2.0, 1.8)),
+    ):
+        for seed, (miou, t) in enumerate(zip(values, times, strict=False)):
+            name = f"{Path(config).stem}_seed{seed}"
+            overrides = [f"train.seed={seed}", *extra]
+            runs.append(
+                make_run(root, config, miou, times=[9.0, t], overrides=overrides, name=name)
+            )
+    return runs
+
+
+def cells(markdown: str) -> list[list[str]]:
+    """The body rows of the markdown tables, each as its stripped cells."""
+    rows = [line.strip("|").split("|") for line in markdown.splitlines() if line.startswith("|")]
+    return [[c.strip() for c in r] for r in rows if not set(r[0].strip()) <= {":", "-"}]
+
+
+def mean_std(values) -> tuple[str, str]:
+    """Mean and sample standard deviation of the mIoU in percent, computed here in floats."""
+    percents = [100 * v for v in values]
+    return f"{statistics.mean(percents):.2f}", f"{statistics.stdev(percents):.2f}"
+
+
+def test_seeds_are_pooled_into_mean_std_and_n(tmp_path):
+    runs = load_runs(seed_runs(tmp_path))
+    ce_mean, ce_std = mean_std(CE_SEEDS)
+    ours_mean, ours_std = mean_std(CONTRAST_SEEDS)
+    assert (ce_mean, ce_std, ours_mean, ours_std) == ("80.17", "0.33", "81.38", "0.35")
+    gain = f"{float(ours_mean) - float(ce_mean):+.2f}"  # the difference of the printed means
+    text = format_markdown(runs, "1")
+    assert cells(text) == [
+        ["Model", "Backbone", "sec./iter.", "mIoU (%)"],
+        ["HRNetV2", "HRNetV2-W48", "1.70", f"{ce_mean} ± {ce_std} (n=3)"],
+        ["HRNetV2 + Ours", "HRNetV2-W48", "1.90", f"{ours_mean} ± {ours_std} (n=3, {gain})"],
+    ]
+    assert gain == "+1.21" and FLAG not in text
+    rows = list(csv.DictReader(format_csv(runs, "all").splitlines()))
+    assert [(r["table"], r["n"], r["miou"], r["miou_std"], r["gain"]) for r in rows] == [
+        ("1", "3", ce_mean, ce_std, ""),
+        ("1", "3", ours_mean, ours_std, gain),
+        ("2", "3", ce_mean, ce_std, ""),
+        ("2", "3", ours_mean, ours_std, ""),
+    ]
+    assert rows[1]["run"].split(";") == [
+        str(tmp_path / f"hrnetv2_w48_contrast_seed{i}") for i in range(3)
+    ]
+    assert rows[1]["baseline"].split(";") == [
+        str(tmp_path / f"hrnetv2_w48_ce_seed{i}") for i in range(3)
+    ]
+    assert {r["flag"] for r in rows} == {""}
+    table2 = cells(format_markdown(runs, "2"))
+    assert table2[1][-1] == f"{ce_mean} ± {ce_std} (n=3)"
+    assert table2[2][-1] == f"{ours_mean} ± {ours_std} (n=3)"
+
+
+def test_a_row_whose_runs_differ_in_the_learning_rate_is_flagged(tmp_path):
+    paths = seed_runs(tmp_path)
+    odd = make_run(
+        tmp_path,
+        "hrnetv2_w48_ce.yaml",
+        0.75,
+        overrides=["train.seed=7", "optim.lr=0.02"],
+        name="hrnetv2_w48_ce_seed7",
+    )
+    runs = load_runs([*paths, odd])
+    text = format_markdown(runs, "1")
+    table = cells(text)
+    mean, std = mean_std((*CE_SEEDS, 0.75))
+    assert table[1][-1] == f"{mean} ± {std} (n=4) {FLAG}"  # the odd run is pooled, and flagged
+    # the contrast runs agree with each other, but their baseline now holds both rates
+    assert table[2][-1].endswith(FLAG)
+    notes = [line for line in text.splitlines() if line.startswith(f"- {FLAG}")]
+    assert len(notes) == 2
+    assert notes[0].startswith(f"- {FLAG} HRNetV2, HRNetV2-W48: its 4 runs differ")
+    assert f"optim.lr (0.01 in {paths[0]}, {paths[1]}, {paths[2]}; 0.02 in {odd})" in notes[0]
+    assert "train.seed (" not in notes[0] and "output.name" not in notes[0]
+    assert notes[1].startswith(f"- {FLAG} HRNetV2 + Ours, HRNetV2-W48: the gain compares")
+    assert notes[1].endswith("optim.lr (baseline 0.01, 0.02, here 0.01)")
+    row = next(csv.DictReader(format_csv(runs, "1").splitlines()))
+    assert row["n"] == "4" and "optim.lr" in row["flag"]
+    assert cells(format_markdown(runs, "2"))[1][-1].endswith(FLAG)
+
+
+def test_a_gain_over_a_baseline_with_another_learning_rate_is_flagged(tmp_path):
+    ce = seed_runs(tmp_path, contrast=())
+    ours = seed_runs(tmp_path / "lr", ce=(), extra=["optim.lr=0.02"])
+    text = format_markdown(load_runs([*ce, *ours]), "1")
+    table = cells(text)
+    assert not table[1][-1].endswith(FLAG)  # each row's runs differ only in the seed
+    assert table[2][-1].endswith(f"(n=3, +1.21) {FLAG}")
+    notes = [line for line in text.splitlines() if line.startswith(f"- {FLAG}")]
+    assert notes == [
+        f"- {FLAG} HRNetV2 + Ours, HRNetV2-W48: the gain compares runs that differ in more than "
+        "train.seed and the contrast term: optim.lr (baseline 0.01, here 0.02)"
+    ]
+
+
+def test_contrast_settings_output_folders_and_unused_settings_are_not_flagged(tmp_path):
+    ce = seed_runs(tmp_path, contrast=(), extra=["loss.contrast.temperature=0.5"])
+    ours = seed_runs(
+        tmp_path / "other",
+        ce=(),
+        extra=[
+            "loss.contrast.max_views=50",  # the treatment itself
+            "model.projection_dim=128",  # read by the contrast term only
+            f"output.root={tmp_path / 'elsewhere'}",  # where a run was written
+            "loss.lovasz.per_image=true",  # a loss term no run uses
+        ],
+    )
+    text = format_markdown(load_runs([*ce, *ours]), "all")
+    assert FLAG not in text and "(n=3, +1.21)" in text
+
+
+def test_one_run_per_row_keeps_the_supplement_layout(table1_runs):
+    """Without seeds the cells are plain values: no standard deviation, no n."""
+    text = format_markdown(load_runs(table1_runs), "1")
+    assert "±" not in text and "n=" not in text and text == TABLE1

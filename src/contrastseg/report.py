@@ -2,17 +2,23 @@
 
 Table 1 (model, backbone, sec./iter., mIoU with the gain over the CE baseline) takes the runs
 whose loss is CE only or CE + pixel contrast; Table 2 (loss, type, context, backbone, mIoU)
-takes every run. Rows are grouped per evaluation data set and ordered as in the supplement.
-docs/report.md describes the columns and how baselines are matched.
+takes every run. Runs of one row (same evaluation data set, model, backbone and loss terms; in
+practice the same config with another ``train.seed``) are pooled: the row shows their mean mIoU,
+the sample standard deviation and their number, and Table 1's gain is the difference of two
+means. A row whose runs differ in more than the seed, or a gain whose two rows do, is marked
+``†`` with a note naming the config keys that differ. Rows are grouped per evaluation data set
+and ordered as in the supplement. docs/report.md describes the columns and the rules.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import statistics
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
+from typing import Any
 
 from contrastseg.config import ExperimentConfig
 from contrastseg.errors import ContrastSegError
@@ -20,12 +26,16 @@ from contrastseg.rundir import RunRecord
 
 __all__ = [
     "CSV_FIELDS",
+    "FLAG",
+    "RunGroup",
     "Table1Row",
     "Table2Row",
+    "config_differences",
     "csv_rows",
     "dataset_label",
     "format_csv",
     "format_markdown",
+    "group_runs",
     "loss_terms",
     "parse_tables",
     "percent",
@@ -72,40 +82,36 @@ CSV_FIELDS = (
     "loss",
     "type",
     "context",
+    "n",
     "s_per_iter",
     "miou",
+    "miou_std",
     "gain",
     "baseline",
+    "flag",
 )
+FLAG = "†"  # marks a row whose runs, or whose gain's two rows, differ in more than the seed
+# Config keys that may differ between the runs of a row: the seed, and where a run was written.
+SEED_KEYS = ("train.seed",)
+OUTPUT_PREFIX = "output."
+# Keys only the contrast term reads: a Table 1 gain compares a contrast row with a CE row.
+CONTRAST_KEYS = ("loss.contrast.", "model.projection_dim", "model.projection_hidden")
+# (prefix, switch): settings under ``prefix`` are unused when ``switch`` is off in every run.
+SWITCHES = (
+    ("loss.contrast.", "loss.contrast.enabled"),
+    ("loss.contrast.memory.", "loss.contrast.memory.enabled"),
+    ("loss.lovasz.", "loss.lovasz.enabled"),
+    ("loss.rmi.", "loss.rmi.enabled"),
+    ("loss.aaf.", "loss.aaf.enabled"),
+    ("loss.ce.ohem_", "loss.ce.ohem"),
+)
+RUN_SEPARATOR = ";"  # between run directories in one CSV cell
 
 
-@dataclass(frozen=True)
-class Table1Row:
-    dataset: str
-    run: Path
-    model: str  # "DeepLabV3" or "DeepLabV3 + Ours"
-    backbone: str
-    s_per_iter: Decimal | None
-    miou: Decimal  # percent, 2 decimals
-    gain: Decimal | None  # percentage points over ``baseline``
-    baseline: Path | None
-
-
-@dataclass(frozen=True)
-class Table2Row:
-    dataset: str
-    run: Path
-    model: str
-    backbone: str
-    loss: str
-    type: str | None  # None: the supplement's "-" (a combination of losses)
-    context: str | None
-    miou: Decimal
-
-
-def _fixed(value: float, scale: int = 1) -> Decimal:
+def _fixed(value: Decimal | float, scale: int = 1) -> Decimal:
     """``value x scale`` rounded half-up to 2 decimals (exact: no binary rounding surprises)."""
-    return (Decimal(repr(value)) * scale).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
+    exact = value if isinstance(value, Decimal) else Decimal(repr(value))
+    return (exact * scale).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
 
 
 def percent(fraction: float) -> Decimal:
@@ -154,42 +160,232 @@ def _group_key(run: RunRecord) -> tuple:
     )
 
 
-def table1_rows(runs: list[RunRecord]) -> list[Table1Row]:
-    """Rows of Table 1: CE-only and CE + contrast runs, each baseline before its contrast runs.
+# ------------------------------------------------------------------ config differences
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": "1"}``, the values as the config file writes them."""
+    out: dict[str, str] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = _show(value)
+    return out
 
-    The baseline of a contrast run is the CE-only run with the same data set and split, model,
-    backbone and output stride; without one the row has no gain, with two it is an error.
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return str(value)
+
+
+def _unused(key: str, flats: list[dict[str, str]]) -> bool:
+    """Whether ``key`` belongs to a loss term (or memory, or OHEM) every run has switched off."""
+    for prefix, switch in SWITCHES:
+        if key.startswith(prefix) and key != switch and all(f[switch] == "false" for f in flats):
+            return True
+    return False
+
+
+def _compared(key: str, flats: list[dict[str, str]], skip: tuple[str, ...]) -> bool:
+    if key in SEED_KEYS or key.startswith(OUTPUT_PREFIX) or key.startswith(skip):
+        return False
+    return not _unused(key, flats)
+
+
+def config_differences(
+    configs: list[ExperimentConfig],
+    others: list[ExperimentConfig] | None = None,
+    skip: tuple[str, ...] = (),
+) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """The config keys in which runs differ, beyond ``train.seed`` and ``output.*``.
+
+    Without ``others``: the keys that take more than one value among ``configs``, each with its
+    values (in order of first appearance) and ``()``. With ``others``: the keys whose values in
+    ``configs`` are not the values in ``others``, each with both. Keys starting with a prefix in
+    ``skip`` are not compared, nor are the settings of a loss term (or of the memory, or of
+    OHEM) that every compared run has switched off.
     """
-    eligible = [r for r in runs if loss_terms(r.cfg) in ((), ("contrast",))]
-    eligible.sort(key=lambda r: (_group_key(r), bool(loss_terms(r.cfg)), str(r.path)))
+    flats = [_flatten(c.to_dict()) for c in configs]
+    other_flats = [_flatten(c.to_dict()) for c in others or []]
+    every = flats + other_flats
+    out: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+    for key in every[0] if every else ():
+        if not _compared(key, every, skip):
+            continue
+        mine = tuple(dict.fromkeys(f[key] for f in flats))
+        theirs = tuple(dict.fromkeys(f[key] for f in other_flats))
+        if others is None and len(mine) > 1:
+            out[key] = (mine, ())
+        elif others is not None and set(mine) != set(theirs):
+            out[key] = (mine, theirs)
+    return out
+
+
+# ---------------------------------------------------------------------------- groups
+@dataclass(frozen=True)
+class RunGroup:
+    """The runs of one table row: same evaluation data set, model, backbone, output stride and
+    loss terms; ordered by directory path."""
+
+    runs: tuple[RunRecord, ...]
+
+    @property
+    def first(self) -> RunRecord:
+        return self.runs[0]
+
+    @property
+    def paths(self) -> tuple[Path, ...]:
+        return tuple(r.path for r in self.runs)
+
+    @property
+    def n(self) -> int:
+        return len(self.runs)
+
+    @property
+    def terms(self) -> tuple[str, ...]:
+        return loss_terms(self.first.cfg)
+
+    def _percents(self) -> list[Decimal]:
+        """Each run's mIoU in percent, exactly (from the decimal value in eval.json)."""
+        return [Decimal(repr(r.miou)) * 100 for r in self.runs]
+
+    @property
+    def miou(self) -> Decimal:
+        """The mean mIoU in percent, rounded half-up to 2 decimals."""
+        return _fixed(statistics.mean(self._percents()))
+
+    @property
+    def miou_std(self) -> Decimal | None:
+        """The sample standard deviation (n - 1) of the runs' mIoU in percent; None for one run."""
+        return _fixed(statistics.stdev(self._percents())) if self.n > 1 else None
+
+    @property
+    def s_per_iter(self) -> Decimal | None:
+        """The mean over the runs with timings of their median s/iter; None when none has one."""
+        times = [Decimal(repr(r.s_per_iter)) for r in self.runs if r.s_per_iter is not None]
+        return _fixed(statistics.mean(times)) if times else None
+
+    def differences(self) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+        return config_differences([r.cfg for r in self.runs])
+
+
+def group_runs(runs: list[RunRecord]) -> list[RunGroup]:
+    """Pool the runs into table rows; each group's runs sorted by path, groups by first path."""
+    groups: dict[tuple, list[RunRecord]] = {}
+    for run in runs:
+        groups.setdefault((_group_key(run), loss_terms(run.cfg)), []).append(run)
+    out = [RunGroup(tuple(sorted(rs, key=lambda r: str(r.path)))) for rs in groups.values()]
+    return sorted(out, key=lambda g: str(g.first.path))
+
+
+def _values(values: tuple[str, ...]) -> str:
+    return ", ".join(values)
+
+
+def _within_note(group: RunGroup, name: str) -> str | None:
+    diff = group.differences()
+    if not diff:
+        return None
+    flats = [_flatten(r.cfg.to_dict()) for r in group.runs]
+    parts = []
+    for key, (values, _) in diff.items():
+        pairs = list(zip(group.runs, flats, strict=True))
+        where = [
+            f"{v} in " + ", ".join(str(r.path) for r, f in pairs if f[key] == v) for v in values
+        ]
+        parts.append(f"{key} ({'; '.join(where)})")
+    return f"{name}: its {group.n} runs differ in more than train.seed: " + ", ".join(parts)
+
+
+def _gain_note(group: RunGroup, base: RunGroup, name: str) -> str | None:
+    diff = config_differences(
+        [r.cfg for r in group.runs], [r.cfg for r in base.runs], skip=CONTRAST_KEYS
+    )
+    if not diff:
+        return None
+    parts = [
+        f"{key} (baseline {_values(theirs)}, here {_values(mine)})"
+        for key, (mine, theirs) in diff.items()
+    ]
+    return (
+        f"{name}: the gain compares runs that differ in more than train.seed and the contrast "
+        "term: " + ", ".join(parts)
+    )
+
+
+# ---------------------------------------------------------------------------- rows
+@dataclass(frozen=True)
+class Table1Row:
+    dataset: str
+    runs: tuple[Path, ...]
+    model: str  # "DeepLabV3" or "DeepLabV3 + Ours"
+    backbone: str
+    s_per_iter: Decimal | None  # mean over the runs of their median s/iter
+    miou: Decimal  # mean over the runs, percent, 2 decimals
+    miou_std: Decimal | None  # sample standard deviation over the runs; None for one run
+    gain: Decimal | None  # percentage points over the mean of ``baseline``
+    baseline: tuple[Path, ...]  # the runs of the CE row the gain is taken over; () if none
+    notes: tuple[str, ...] = ()  # why the row is flagged; () if it is not
+
+    @property
+    def n(self) -> int:
+        return len(self.runs)
+
+
+@dataclass(frozen=True)
+class Table2Row:
+    dataset: str
+    runs: tuple[Path, ...]
+    model: str
+    backbone: str
+    loss: str
+    type: str | None  # None: the supplement's "-" (a combination of losses)
+    context: str | None
+    miou: Decimal
+    miou_std: Decimal | None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def n(self) -> int:
+        return len(self.runs)
+
+
+def table1_rows(runs: list[RunRecord]) -> list[Table1Row]:
+    """Rows of Table 1: CE-only and CE + contrast rows, each baseline before its contrast row.
+
+    The baseline of a contrast row is the CE-only row of the same data set and split, model,
+    backbone and output stride; without one the row has no gain. The gain is the difference of
+    the two printed means.
+    """
+    groups = [g for g in group_runs(runs) if g.terms in ((), ("contrast",))]
+    groups.sort(key=lambda g: (_group_key(g.first), bool(g.terms)))
+    bases = {_group_key(g.first): g for g in groups if not g.terms}
     rows = []
-    for run in eligible:
-        contrast = bool(loss_terms(run.cfg))
-        base = None
-        if contrast:
-            bases = [
-                r for r in eligible if not loss_terms(r.cfg) and _group_key(r) == _group_key(run)
-            ]
-            if len(bases) > 1:
-                raise ContrastSegError(
-                    f"{bases[0].path} and {bases[1].path} are both CE-only runs of "
-                    f"{MODELS[run.cfg.model.head]} on {_backbone(run.cfg)} "
-                    f"({dataset_label(run.cfg, run.split)}), so the gain of {run.path} is "
-                    "ambiguous; pass only one of them"
-                )
-            base = bases[0] if bases else None
-        miou = percent(run.miou)
-        model = MODELS[run.cfg.model.head]
+    for group in groups:
+        cfg = group.first.cfg
+        contrast = bool(group.terms)
+        model = MODELS[cfg.model.head] + (" + Ours" if contrast else "")
+        name = f"{model}, {_backbone(cfg)}"
+        base = bases.get(_group_key(group.first)) if contrast else None
+        notes = [_within_note(group, name)]
+        if base is not None:
+            notes.append(_gain_note(group, base, name))
         rows.append(
             Table1Row(
-                dataset=dataset_label(run.cfg, run.split),
-                run=run.path,
-                model=f"{model} + Ours" if contrast else model,
-                backbone=_backbone(run.cfg),
-                s_per_iter=None if run.s_per_iter is None else _fixed(run.s_per_iter),
-                miou=miou,
-                gain=None if base is None else miou - percent(base.miou),
-                baseline=None if base is None else base.path,
+                dataset=dataset_label(cfg, group.first.split),
+                runs=group.paths,
+                model=model,
+                backbone=_backbone(cfg),
+                s_per_iter=group.s_per_iter,
+                miou=group.miou,
+                miou_std=group.miou_std,
+                gain=None if base is None else group.miou - base.miou,
+                baseline=() if base is None else base.paths,
+                notes=tuple(n for n in notes if n),
             )
         )
     return rows
@@ -213,28 +409,33 @@ def _loss_order(terms: tuple[str, ...]) -> tuple:
 
 
 def table2_rows(runs: list[RunRecord]) -> list[Table2Row]:
-    """Rows of Table 2: every run, grouped by data set, model and backbone, in the loss order."""
-    ordered = sorted(
-        runs, key=lambda r: (_group_key(r), _loss_order(loss_terms(r.cfg)), str(r.path))
-    )
+    """Rows of Table 2: every row of runs, grouped by data set, model and backbone, in the loss
+    order."""
+    groups = sorted(group_runs(runs), key=lambda g: (_group_key(g.first), _loss_order(g.terms)))
     rows = []
-    for run in ordered:
-        loss, kind, context = _loss_columns(loss_terms(run.cfg))
+    for group in groups:
+        cfg = group.first.cfg
+        loss, kind, context = _loss_columns(group.terms)
+        model, backbone = MODELS[cfg.model.head], _backbone(cfg)
+        note = _within_note(group, f"{loss}, {_table2_backbone(model, backbone)}")
         rows.append(
             Table2Row(
-                dataset=dataset_label(run.cfg, run.split),
-                run=run.path,
-                model=MODELS[run.cfg.model.head],
-                backbone=_backbone(run.cfg),
+                dataset=dataset_label(cfg, group.first.split),
+                runs=group.paths,
+                model=model,
+                backbone=backbone,
                 loss=loss,
                 type=kind,
                 context=context,
-                miou=percent(run.miou),
+                miou=group.miou,
+                miou_std=group.miou_std,
+                notes=(note,) if note else (),
             )
         )
     return rows
 
 
+# ---------------------------------------------------------------------------- markdown
 def _markdown_table(header: list[str], rows: list[list[str]], right: set[int]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
@@ -262,6 +463,26 @@ def _gain(gain: Decimal) -> str:
     return f"{gain:+.2f}"
 
 
+def _miou_cell(row: Table1Row | Table2Row, gain: Decimal | None = None) -> str:
+    """``81.10``; over several runs ``81.10 ± 0.25 (n=3)``; a gain ``(+1.10)`` or
+    ``(n=3, +1.10)``; ``†`` when the row is flagged."""
+    cell = f"{row.miou}"
+    extras = []
+    if row.miou_std is not None:
+        cell += f" ± {row.miou_std}"
+        extras.append(f"n={row.n}")
+    if gain is not None:
+        extras.append(_gain(gain))
+    if extras:
+        cell += f" ({', '.join(extras)})"
+    return cell + (f" {FLAG}" if row.notes else "")
+
+
+def _notes(rows: list) -> str:
+    lines = [f"- {FLAG} {note}" for r in rows for note in r.notes]
+    return "\n\n" + "\n".join(lines) if lines else ""
+
+
 def _table1_markdown(rows: list[Table1Row]) -> list[str]:
     if not rows:
         return ["**Table 1**: no run fits (it takes CE-only runs and CE + contrast runs)."]
@@ -272,20 +493,21 @@ def _table1_markdown(rows: list[Table1Row]) -> list[str]:
                 r.model,
                 r.backbone,
                 "-" if r.s_per_iter is None else f"{r.s_per_iter}",
-                f"{r.miou}" + ("" if r.gain is None else f" ({_gain(r.gain)})"),
+                _miou_cell(r, r.gain),
             ]
             for r in group
         ]
         out.append(
             f"**Table 1**: Quantitative semantic segmentation results on {dataset}.\n\n"
             + _markdown_table(["Model", "Backbone", "sec./iter.", "mIoU (%)"], cells, {2, 3})
+            + _notes(group)
         )
     return out
 
 
-def _table2_backbone(row: Table2Row) -> str:
+def _table2_backbone(model: str, backbone: str) -> str:
     """The supplement's base network is HRNetV2, named by its backbone; other heads are named."""
-    return row.backbone if row.model == "HRNetV2" else f"{row.backbone} ({row.model})"
+    return backbone if model == "HRNetV2" else f"{backbone} ({model})"
 
 
 def _table2_markdown(rows: list[Table2Row]) -> list[str]:
@@ -294,12 +516,19 @@ def _table2_markdown(rows: list[Table2Row]) -> list[str]:
     out = []
     for dataset, group in _by_dataset(rows).items():
         cells = [
-            [r.loss, r.type or "-", r.context or "-", _table2_backbone(r), f"{r.miou}"]
+            [
+                r.loss,
+                r.type or "-",
+                r.context or "-",
+                _table2_backbone(r.model, r.backbone),
+                _miou_cell(r),
+            ]
             for r in group
         ]
         out.append(
             f"**Table 2**: Comparison of different loss designs on {dataset}.\n\n"
             + _markdown_table(["Loss", "Type", "Context", "Backbone", "mIoU (%)"], cells, {4})
+            + _notes(group)
         )
     return out
 
@@ -312,7 +541,8 @@ def parse_tables(choice: str) -> tuple[str, ...]:
 
 
 def format_markdown(runs: list[RunRecord], tables: str = "all") -> str:
-    """The chosen tables as markdown, one captioned table per data set."""
+    """The chosen tables as markdown, one captioned table per data set, each followed by the
+    notes of its flagged rows."""
     parts: list[str] = []
     for table in parse_tables(tables):
         if table == "1":
@@ -322,41 +552,53 @@ def format_markdown(runs: list[RunRecord], tables: str = "all") -> str:
     return "\n\n".join(parts) + "\n"
 
 
+# ---------------------------------------------------------------------------- CSV
+def _paths(paths: tuple[Path, ...]) -> str:
+    return RUN_SEPARATOR.join(str(p) for p in paths)
+
+
+def _common(r: Table1Row | Table2Row) -> dict[str, str]:
+    return {
+        "dataset": r.dataset,
+        "run": _paths(r.runs),
+        "backbone": r.backbone,
+        "n": str(r.n),
+        "miou": str(r.miou),
+        "miou_std": "" if r.miou_std is None else str(r.miou_std),
+        "flag": " | ".join(r.notes),
+    }
+
+
 def csv_rows(runs: list[RunRecord], tables: str = "all") -> list[dict[str, str]]:
     """The chosen tables' rows with :data:`CSV_FIELDS`; empty strings where a table has no
-    value (the markdown's "-")."""
+    value (the markdown's "-"). ``run`` and ``baseline`` list a row's run directories joined
+    by ``;``."""
     out: list[dict[str, str]] = []
     for table in parse_tables(tables):
         if table == "1":
             for r in table1_rows(runs):
                 out.append(
                     dict.fromkeys(CSV_FIELDS, "")
+                    | _common(r)
                     | {
                         "table": "1",
-                        "dataset": r.dataset,
-                        "run": str(r.run),
                         "model": r.model,
-                        "backbone": r.backbone,
                         "s_per_iter": "" if r.s_per_iter is None else str(r.s_per_iter),
-                        "miou": str(r.miou),
                         "gain": "" if r.gain is None else _gain(r.gain),
-                        "baseline": "" if r.baseline is None else str(r.baseline),
+                        "baseline": _paths(r.baseline),
                     }
                 )
         else:
             for r in table2_rows(runs):
                 out.append(
                     dict.fromkeys(CSV_FIELDS, "")
+                    | _common(r)
                     | {
                         "table": "2",
-                        "dataset": r.dataset,
-                        "run": str(r.run),
                         "model": r.model,
-                        "backbone": r.backbone,
                         "loss": r.loss,
                         "type": r.type or "",
                         "context": r.context or "",
-                        "miou": str(r.miou),
                     }
                 )
     return out
