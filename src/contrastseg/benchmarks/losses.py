@@ -60,9 +60,9 @@ def run_losses_benchmark(
 ) -> dict:
     """Time CE, OHEM-CE, Lovasz-softmax, RMI and AAF (forward + backward) on one batch.
 
-    Default settings of each loss (METHOD.md section 5): OHEM threshold 0.7 and min_kept
-    100000; Lovasz over present classes, per batch; RMI radius 3, avg pool 4, a = 5e-4;
-    AAF distances (1, 2, 3), margin 3. Returns ``{"batch", "size", "logits", "stride",
+    Default settings of each loss (docs/method.md, "Comparison losses"): OHEM threshold 0.7
+    and min_kept 100000; Lovasz over present classes, per batch; RMI radius 3, avg pool 4,
+    a = 5e-4; AAF distances (1, 2, 3), margin 3. Returns ``{"batch", "size", "logits", "stride",
     "repeats", "device", "rows"}`` with rows ``{"loss", "ms", "ratio"}`` (ratio = ms / ms of CE).
     """
     device = torch.device(device)
