@@ -122,7 +122,8 @@ class ModelConfig(_Section):
     aux_channels: int = Field(256, ge=8)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     projection_dim: int = Field(256, ge=2)
-    # Hidden width of the projection head; null: the features' width (METHOD.md's d -> d).
+    # Hidden width of the projection head; null: the features' width (d -> d, docs/method.md,
+    # "Model outputs").
     projection_hidden: int | None = Field(None, ge=1)
     # OCR: pixel representation and augmented-representation channels, key channels of the
     # pixel-region relation, and the soft-object-region head's channels (None: 512 on a dilated

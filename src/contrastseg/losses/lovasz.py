@@ -1,4 +1,5 @@
-"""Lovasz-softmax loss (Berman, Rannen Triki, Blaschko, CVPR 2018), METHOD.md section 5.
+"""Lovasz-softmax loss (Berman, Rannen Triki, Blaschko, CVPR 2018), docs/method.md,
+"Comparison losses".
 
 For each class c, on the softmax probabilities of the labelled pixels: errors
 ``e = |1[y = c] - p_c|`` sorted in decreasing order, the foreground indicator ``fg`` in the same

@@ -1,4 +1,4 @@
-"""Online hard example mining for cross-entropy (OHEM-CE), METHOD.md section 5.
+"""Online hard example mining for cross-entropy (OHEM-CE), docs/method.md, "Comparison losses".
 
 Among the labelled pixels, keep those whose softmax probability of the true class is below
 ``threshold``, and at least the ``min_kept`` pixels with the lowest such probability (all of them
