@@ -197,7 +197,9 @@ class LovaszConfig(_Section):
 
 class RMIConfig(_Section):
     """Region mutual information (docs/losses.md); the term is bce_weight x BCE + rmi_weight x
-    RMI. Pooling: kernel = stride = pool_size (1: none)."""
+    RMI. Pooling: kernel = stride = pool_size (1: none). variant: released (the authors' code:
+    pooling padded by pool_size // 2, BCE over labelled pixels + 1, small constants) or
+    unpadded (no padding, BCE over labelled pixels, no constants)."""
 
     enabled: bool = False
     weight: float = Field(1.0, ge=0.0)
@@ -208,6 +210,7 @@ class RMIConfig(_Section):
     alpha: float = Field(5e-4, gt=0.0)
     bce_weight: float = Field(0.5, ge=0.0)
     rmi_weight: float = Field(0.5, ge=0.0)
+    variant: Literal["released", "unpadded"] = "released"
 
 
 class AAFConfig(_Section):
@@ -225,6 +228,10 @@ class AAFConfig(_Section):
     init_weights: tuple[float, ...] | None = None
     decay_steps: int | None = Field(None, ge=1)
     lr_mult: float = Field(1.0, ge=0.0)
+    # released: labels shrunk to the logits' grid (nearest) and the loss computed there, a pair
+    # dropped when either side of the centre is ignored or outside (the authors' code);
+    # upsampled: logits upsampled to the label size, a pair dropped with an ignored end
+    variant: Literal["released", "upsampled"] = "released"
 
     @model_validator(mode="after")
     def _check(self) -> AAFConfig:

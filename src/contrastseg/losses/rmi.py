@@ -1,18 +1,25 @@
-"""Region mutual information loss (Zhao, Ding, Huang, Cai, NeurIPS 2019), METHOD.md section 5.
+"""Region mutual information loss (Zhao, Ding, Huang, Cai, NeurIPS 2019).
 
 ``rmi_loss = bce_weight * BCE + rmi_weight * RMI`` with
 
 * BCE: sigmoid binary cross-entropy of every class against the one-hot labels, summed over the
-  classes and averaged over the labelled pixels;
-* RMI: sigmoid probabilities ``P`` and one-hot labels ``Y``, both zeroed at ignored pixels and
-  downsampled by pooling (kernel = stride = ``pool_size``); for each (image, class) the
-  ``R x R`` shifted views of the pooled maps are stacked into ``d = R^2``-dimensional vectors
-  over the ``(h' - R + 1) x (w' - R + 1)`` positions where the whole window fits, centred over
-  the positions, and with ``S_Y = Y Y^T``, ``S_P = P P^T``, ``S_YP = Y P^T``::
+  classes and the labelled pixels, divided by (labelled pixels + 1);
+* RMI: sigmoid probabilities ``P`` (zeroed at ignored pixels, plus ``1e-6``) and one-hot labels
+  ``Y`` (zeroed at ignored pixels) downsampled by pooling (kernel = stride = ``pool_size``,
+  padding ``pool_size // 2``); for each (image, class) the ``R x R`` shifted views of the pooled
+  maps are stacked into ``d = R^2``-dimensional vectors over the ``(h' - R + 1) x (w' - R + 1)``
+  positions where the whole window fits, centred over the positions, and with ``S_Y = Y Y^T``,
+  ``S_P = P P^T``, ``S_YP = Y P^T``::
 
-      M = S_Y - S_YP (S_P + a I)^-1 S_YP^T,      rmi = 0.5 * logdet(M + a I)  (Cholesky)
+      M = S_Y - S_YP (S_P + a I)^-1 S_YP^T,
+      rmi = 0.5 * logdet(M + a I) = sum log(diag(chol(M + a I)) + 1e-8)
 
   divided by ``d``, averaged over the images and summed over the classes.
+
+This is ``variant="released"``, the computation of the authors' released code (pooling padding,
+BCE normalisation and the two small constants). ``variant="unpadded"`` is the earlier
+contrastseg reading: pooling without padding (rows and columns beyond a multiple of
+``pool_size`` dropped), BCE divided by the number of labelled pixels, no constants.
 
 The matrix part runs in float64 with autocast disabled; the rest in at least float32.
 """
@@ -26,12 +33,23 @@ from torch import Tensor
 from contrastseg.errors import ConfigError
 from contrastseg.losses.cross_entropy import autocast_off, check_logits_target, upsample_to
 
-__all__ = ["RMI_POOLS", "region_vectors", "rmi_bce", "rmi_loss", "rmi_lower_bound"]
+__all__ = [
+    "RMI_POOLS",
+    "RMI_VARIANTS",
+    "region_vectors",
+    "rmi_bce",
+    "rmi_loss",
+    "rmi_lower_bound",
+    "rmi_pool",
+]
 
 RMI_POOLS = ("avg", "max")
+RMI_VARIANTS = ("released", "unpadded")
+PROB_EPS = 1e-6  # released: added to the (masked) probabilities
+LOGDET_EPS = 1e-8  # released: added to the Cholesky diagonal before its log
 
 
-def _check(radius: int, pool: str, pool_size: int, alpha: float) -> None:
+def _check(radius: int, pool: str, pool_size: int, alpha: float, variant: str) -> None:
     if isinstance(radius, bool) or not isinstance(radius, int) or radius < 1:
         raise ConfigError(f"radius={radius!r} is invalid; allowed values: integers >= 1")
     if not isinstance(pool, str) or pool not in RMI_POOLS:
@@ -43,6 +61,11 @@ def _check(radius: int, pool: str, pool_size: int, alpha: float) -> None:
         raise ConfigError(f"pool_size={pool_size!r} is invalid; allowed values: integers >= 1")
     if not alpha > 0:
         raise ConfigError(f"alpha={alpha!r} is invalid; allowed values: numbers > 0")
+    if not isinstance(variant, str) or variant not in RMI_VARIANTS:
+        raise ConfigError(
+            f"variant={variant!r} is not supported; allowed values: "
+            + ", ".join(repr(v) for v in RMI_VARIANTS)
+        )
 
 
 def region_vectors(x: Tensor, radius: int) -> Tensor:
@@ -59,10 +82,23 @@ def region_vectors(x: Tensor, radius: int) -> Tensor:
     return torch.stack(views, 2)
 
 
-def rmi_lower_bound(labels: Tensor, probs: Tensor, radius: int = 3, alpha: float = 5e-4) -> Tensor:
+def rmi_pool(x: Tensor, pool: str, pool_size: int, padding: int) -> Tensor:
+    """Pooling with kernel = stride = ``pool_size`` and zero ``padding`` on each side (average
+    pooling counts the padded zeros; max pooling ignores them). ``pool_size`` 1: ``x``."""
+    if pool_size == 1:
+        return x
+    if pool == "avg":
+        return F.avg_pool2d(x, pool_size, pool_size, padding=padding, count_include_pad=True)
+    return F.max_pool2d(x, pool_size, pool_size, padding=padding)
+
+
+def rmi_lower_bound(
+    labels: Tensor, probs: Tensor, radius: int = 3, alpha: float = 5e-4, logdet_eps: float = 0.0
+) -> Tensor:
     """The RMI term of pooled ``labels`` and ``probs`` (both ``(B, C, h, w)``, ignored pixels
-    already zeroed): ``sum_c mean_b 0.5 logdet(M + a I) / d``, in float64. Maps smaller than
-    ``radius`` give 0 (attached to ``probs``)."""
+    already zeroed): ``sum_c mean_b 0.5 logdet(M + a I) / d``, in float64, the log-determinant
+    taken as ``2 sum log(diag(chol) + logdet_eps)``. Maps smaller than ``radius`` give 0
+    (attached to ``probs``)."""
     B, C, h, w = probs.shape
     if h < radius or w < radius:
         return probs.sum().to(torch.float64) * 0.0
@@ -81,14 +117,18 @@ def rmi_lower_bound(labels: Tensor, probs: Tensor, radius: int = 3, alpha: float
     # M + aI is positive definite in exact arithmetic (a Schur complement plus aI); should
     # rounding break that, the factor has NaNs and the step is skipped rather than the run.
     chol = torch.linalg.cholesky_ex(m + alpha * eye).L
-    logdet = 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)  # (B, C)
+    diag = torch.diagonal(chol, dim1=-2, dim2=-1)
+    logdet = 2.0 * torch.log(diag + logdet_eps).sum(-1)  # (B, C)
     return (0.5 * logdet / d).mean(0).sum()
 
 
-def rmi_bce(logits: Tensor, onehot: Tensor, valid: Tensor) -> Tensor:
-    """Sigmoid BCE summed over the classes, mean over the valid pixels (0 when none)."""
+def rmi_bce(logits: Tensor, onehot: Tensor, valid: Tensor, plus_one: bool = False) -> Tensor:
+    """Sigmoid BCE summed over the classes and the valid pixels, divided by their number
+    (``+ 1`` with ``plus_one``; at least 1 otherwise, so 0 when none is valid)."""
     bce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
-    return (bce.sum(1) * valid).sum() / valid.sum().clamp(min=1)
+    total = (bce.sum(1) * valid).sum()
+    n = valid.sum()
+    return total / (n + 1.0) if plus_one else total / n.clamp(min=1)
 
 
 def rmi_loss(
@@ -101,15 +141,18 @@ def rmi_loss(
     bce_weight: float = 0.5,
     rmi_weight: float = 0.5,
     ignore_index: int = 255,
+    variant: str = "released",
 ) -> Tensor:
     """``bce_weight * BCE + rmi_weight * RMI`` of ``logits (B, C, h, w)`` (bilinearly upsampled
     to the label size) against ``target (B, H, W)`` int64 (``ignore_index`` = unlabelled).
 
-    Exactly 0, with a graph, when no pixel is labelled. Returned in float32 (float64 for
-    float64 logits).
+    ``variant``: ``"released"`` (the authors' code) or ``"unpadded"`` (see the module
+    docstring). Exactly 0, with a graph, when no pixel is labelled. Returned in float32
+    (float64 for float64 logits).
     """
-    _check(radius, pool, pool_size, alpha)
+    _check(radius, pool, pool_size, alpha, variant)
     check_logits_target(logits, target)
+    released = variant == "released"
     with autocast_off(logits.device.type):
         x = upsample_to(logits, tuple(target.shape[-2:]))
         dtype = torch.promote_types(x.dtype, torch.float32)
@@ -122,14 +165,16 @@ def rmi_loss(
         onehot = onehot * validf
         total = x.sum() * 0.0
         if bce_weight:
-            total = total + bce_weight * rmi_bce(x, onehot, valid.to(dtype))
+            total = total + bce_weight * rmi_bce(x, onehot, valid.to(dtype), plus_one=released)
         if rmi_weight:
             probs = torch.sigmoid(x) * validf
-            if pool_size > 1:
-                pool_fn = F.avg_pool2d if pool == "avg" else F.max_pool2d
-                onehot = pool_fn(onehot, kernel_size=pool_size, stride=pool_size)
-                probs = pool_fn(probs, kernel_size=pool_size, stride=pool_size)
-            rmi = rmi_lower_bound(onehot, probs, radius, alpha).to(dtype)
+            if released:
+                probs = probs + PROB_EPS
+            padding = pool_size // 2 if released else 0
+            onehot = rmi_pool(onehot, pool, pool_size, padding)
+            probs = rmi_pool(probs, pool, pool_size, padding)
+            eps = LOGDET_EPS if released else 0.0
+            rmi = rmi_lower_bound(onehot, probs, radius, alpha, eps).to(dtype)
             # No labelled pixel anywhere: the term is a constant; return exactly 0.
             any_valid = valid.any()
             total = total + rmi_weight * torch.where(any_valid, rmi, rmi * 0.0)
