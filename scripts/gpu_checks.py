@@ -15,8 +15,7 @@ from contrastseg.benchmarks.train_step import block_labels
 from contrastseg.config import load_config
 from contrastseg.engine.metrics import ConfusionMatrix
 from contrastseg.losses import LossSet
-from contrastseg.losses.memory import ClassMemory
-from contrastseg.losses.pixel_contrast import PixelContrastLoss, contrast_loss, sample_anchors
+from contrastseg.contrast import PixelContrast, contrast_loss, sample_anchors
 from contrastseg.models import build_model
 
 FAILED: list[str] = []
@@ -44,8 +43,9 @@ def contrast_cuda_equals_cpu() -> None:
 
 def contrast_under_autocast() -> None:
     for dtype in (torch.bfloat16, torch.float16):
-        memory = ClassMemory(19, dim=256, pixel_size=2000, region_size=500).cuda()
-        loss_fn = PixelContrastLoss(19, memory=memory, memory_sampling="semi_hard").cuda()
+        loss_fn = PixelContrast(
+            19, None, memory=True, memory_size=2000, region_size=500, memory_sampling="semi_hard"
+        ).cuda()
         embed = F.normalize(torch.randn(2, 256, 128, 256, device="cuda"), dim=1).requires_grad_()
         seg = torch.randn(2, 19, 128, 256, device="cuda")
         target = block_labels(2, 512, 1024, 19).cuda()

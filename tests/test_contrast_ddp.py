@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from contrastseg.losses.memory import ClassMemory
+from contrastseg.contrast import ClassMemory
 
 C, D = 3, 4
 

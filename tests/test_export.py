@@ -114,7 +114,7 @@ def expected_onnx_elements(net: nn.Module) -> tuple[int, int]:
 
 def test_onnx_graph_holds_only_the_inference_weights(exported):
     model_keys = exported.state["model"]
-    assert any(k.startswith("projection.") for k in model_keys)  # contrast was on
+    assert any(k.startswith("contrast.projection.") for k in exported.state["loss"])  # contrast on
     assert any(k.startswith("aux.") for k in model_keys)  # DeepLabV3's FCN head
     graph = onnx.load(str(exported.onnx)).graph
     sizes = {i.name: int(np.prod(i.dims)) for i in graph.initializer}

@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from contrastseg import train
 from contrastseg.cli import app
+from contrastseg.contrast import ProjectionHead
 from contrastseg.data import SyntheticShapes
 from contrastseg.engine import checkpoint as ckpt
 from contrastseg.errors import ContrastSegError
@@ -38,17 +39,19 @@ def test_downsample_labels_takes_the_mode_per_cell():
 
 
 def test_pixels_per_class_and_seeded_determinism(tiny_cfg):
-    model = build_model(tiny_cfg().model, 7, with_projection=True, backbone_weights=False).eval()
+    cfg = tiny_cfg().model
+    model = build_model(cfg, 7, backbone_weights=False).eval()
+    head = ProjectionHead(model.feature_channels, cfg.projection_dim).eval()
     data = SyntheticShapes("val", 3, (64, 64))
     samples = [data[i] for i in range(3)]
 
-    def draw(seed, projection=True, per_class=12):
+    def draw(seed, projection=head, per_class=12):
         return sample_pixel_embeddings(
             model, samples, MEAN, STD, 7, per_class=per_class, seed=seed, projection=projection
         )
 
     first = draw(0)
-    emb = pixel_embeddings(model, torch.zeros(1, 3, 64, 64), projection=True)
+    emb = pixel_embeddings(model, torch.zeros(1, 3, 64, 64), projection=head)
     grid = emb.shape[1:]
     labels = [downsample_labels(m, grid, 7) for _, m in samples]
     available = np.bincount(np.concatenate([g.ravel() for g in labels]), minlength=7)
@@ -68,7 +71,7 @@ def test_pixels_per_class_and_seeded_determinism(tiny_cfg):
     other = draw(1)
     assert not np.array_equal(first.positions, other.positions)
     # The pixels depend on the seed and grid only: features instead of projections, same cells.
-    features = draw(0, projection=False)
+    features = draw(0, projection=None)
     assert np.array_equal(features.positions, first.positions)
     assert features.embeddings.shape[1] != first.embeddings.shape[1]
 
@@ -87,9 +90,9 @@ def test_embedding_figure_cli_with_and_without_contrast(tiny_cfg, tmp_path):
     )
     a = ckpt.list_checkpoints(plain.run_dir / "checkpoints")[-1]
     b = ckpt.list_checkpoints(contrast.run_dir / "checkpoints")[-1]
-    assert not load_embedding_model(a).projection
+    assert load_embedding_model(a).projection is None
     em = load_embedding_model(b)
-    assert em.projection and em.describe(16) == "projection-head embeddings (16-d)"
+    assert em.projection is not None and em.describe(16) == "projection-head embeddings (16-d)"
 
     args = ["figures", "embeddings", str(a), str(b), "--per-class", "8", "--images", "2"]
     result = CliRunner().invoke(app, [*args, "--device", "cpu", "--out", str(tmp_path / "e.pdf")])

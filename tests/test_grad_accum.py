@@ -73,13 +73,13 @@ def test_contrast_with_accumulation_trains_and_fills_the_memory(tiny_cfg):
     ]
     split = Trainer(tiny_cfg(*contrast, "train.grad_accum=2", "output.name=a"), progress=False)
     full = Trainer(tiny_cfg(*contrast, "output.name=b"), progress=False)
-    head = {k: v.clone() for k, v in split.model.projection.state_dict().items()}
+    head = {k: v.clone() for k, v in split.loss_set.contrast.projection.state_dict().items()}
     batch = _batch(split, [0, 1, 2, 3])
     values = split.train_step(batch)
     full.train_step(batch)
     assert values["skipped"] == 0.0
     assert values["contrast"] > 0
-    proj = split.model.projection.state_dict()
+    proj = split.loss_set.contrast.projection.state_dict()
     assert any("weight" in k and not torch.equal(v, head[k]) for k, v in proj.items())
     # Both micro-batches pushed their pixels: as many per class as the full-batch step.
     split_count = split.loss_set.contrast.memory.pixel_count

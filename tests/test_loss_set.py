@@ -12,6 +12,7 @@ from contrastseg import train
 from contrastseg.benchmarks.losses import format_losses_benchmark, run_losses_benchmark
 from contrastseg.cli import app
 from contrastseg.config import load_config
+from contrastseg.contrast import PixelContrast
 from contrastseg.engine import checkpoint as ckpt
 from contrastseg.engine.trainer import Trainer
 from contrastseg.errors import ConfigError
@@ -110,14 +111,18 @@ def test_with_contrast_the_warm_up_keeps_the_embedding_in_the_graph():
             "loss.contrast.max_views=4",
         ],
     )
-    ls = LossSet(cfg.loss, 3, embed_dim=8)
+    contrast = PixelContrast.from_config(cfg.loss.contrast, cfg.model, 3, in_channels=8)
+    ls = LossSet(cfg.loss, 3, contrast=contrast)
     outputs, target = batch(h=12, w=16)
-    embed = torch.nn.functional.normalize(torch.randn(2, 8, 12, 16), dim=1).requires_grad_(True)
-    outputs["embed"] = embed
+    features = torch.randn(2, 8, 12, 16, requires_grad=True)
+    outputs["features"] = features
     terms = ls(outputs, target, step=0)
     assert set(terms) == {"ce", "aux_ce", "lovasz", "total"}
     terms["total"].backward()
-    assert embed.grad is not None and embed.grad.abs().max() == 0
+    # The projection head is in the graph (zero gradients), and so are the features.
+    head = [p.grad for p in contrast.projection.parameters()]
+    assert all(g is not None and g.abs().max() == 0 for g in head)
+    assert features.grad is not None and features.grad.abs().max() == 0
     terms = ls(outputs, target, step=2)
     assert {"lovasz", "contrast"} <= set(terms)
     assert terms["total"].item() == pytest.approx(
@@ -225,3 +230,12 @@ def test_bench_losses_tiny_and_cli():
     )
     assert out.exit_code == 0, out.output
     assert all(name in out.output for name in names)
+
+
+def test_the_contrast_module_must_match_the_config():
+    on = load_config(None, ["loss.contrast.enabled=true"])
+    with pytest.raises(ConfigError, match="loss.contrast.enabled is True"):
+        LossSet(on.loss, 3)
+    off = load_config(None, [])
+    with pytest.raises(ConfigError, match="loss.contrast.enabled is False"):
+        LossSet(off.loss, 3, contrast=PixelContrast(3, 8))

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from contrastseg.contrast import ClassMemory
 from contrastseg.errors import ConfigError
-from contrastseg.losses.memory import ClassMemory
 
 C, T, V, R = 3, 7, 2, 5
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from contrastseg.config import ModelConfig, load_config
+from contrastseg.contrast import PixelContrast
 from contrastseg.errors import CheckpointError, ConfigError
 from contrastseg.models import InferenceModel, build_model, count_parameters
 from contrastseg.models.backbones import TimmBackbone, load_backbone_weights
@@ -42,9 +43,9 @@ def model_cfg(backbone: str, head: str, **kw) -> ModelConfig:
     return ModelConfig.model_validate({"backbone": {"name": backbone}, "head": head, **kw})
 
 
-def meta_model(backbone: str, head: str, num_classes: int = 19, projection: bool = True):
+def meta_model(backbone: str, head: str, num_classes: int = 19):
     with torch.device("meta"):
-        return build_model(model_cfg(backbone, head), num_classes, with_projection=projection)
+        return build_model(model_cfg(backbone, head), num_classes)
 
 
 # (backbone, head, stride of seg, aux expected): the seven rows of Table 1 and the small HRNet
@@ -68,25 +69,27 @@ ZOO = [
 def test_architecture_trains_and_infers(backbone, head, stride, has_aux):
     size = (64, 128)
     torch.manual_seed(0)
-    model = build_model(model_cfg(backbone, head), NUM_CLASSES, with_projection=True).train()
+    model = build_model(model_cfg(backbone, head), NUM_CLASSES).train()
+    contrast = PixelContrast(NUM_CLASSES, model.feature_channels)
     assert model.output_stride == stride
     h, w = size[0] // stride, size[1] // stride
     out = model(torch.randn(2, 3, *size))
-    assert set(out) == {"seg", "embed"} | ({"aux"} if has_aux else set())
+    assert set(out) == {"seg", "features"} | ({"aux"} if has_aux else set())
     assert out["seg"].shape == (2, NUM_CLASSES, h, w)
-    assert out["embed"].shape == (2, 256, h, w)  # on the grid of seg
+    embed = contrast.projection(out["features"])
+    assert embed.shape == (2, 256, h, w)  # on the grid of seg
     if has_aux:
         assert out["aux"].shape == (2, NUM_CLASSES, h, w)
-    norms = out["embed"].norm(dim=1)
+    norms = embed.norm(dim=1)
     assert torch.allclose(norms, torch.ones_like(norms), atol=1e-4)
-    sum(v.mean() for v in out.values()).backward()
+    (sum(v.mean() for k, v in out.items() if k != "features") + embed.mean()).backward()
     # every parameter takes part in the training graph (DDP without find_unused_parameters)
-    unused = [n for n, p in model.named_parameters() if p.grad is None]
+    named = [*model.named_parameters(), *contrast.named_parameters()]
+    unused = [n for n, p in named if p.grad is None]
     assert not unused, unused[:5]
 
     model.eval()
     called = []
-    model.projection.register_forward_hook(lambda *a: called.append("projection"))
     if model.aux is not None:
         model.aux.register_forward_hook(lambda *a: called.append("aux"))
     x = torch.randn(2, 3, *size)
@@ -132,7 +135,8 @@ def test_resnet101_deep_stem_is_three_3x3_convolutions():
 )
 def test_projection_reads_the_decoder_input(backbone, head, channels):
     model = meta_model(backbone, head)
-    assert model.projection.net[0].in_channels == channels
+    assert model.feature_channels == channels
+    assert PixelContrast(19, model.feature_channels).projection.net[0].in_channels == channels
 
 
 @pytest.mark.parametrize(
@@ -148,7 +152,7 @@ def test_parameter_counts_match_published(backbone, head, published):
     model = meta_model(backbone, head)
     params = count_parameters(InferenceModel(model))
     assert abs(params - published) / published < 0.02, params
-    assert count_parameters(model) > params  # training adds projection (and aux) heads
+    assert count_parameters(model) >= params  # training adds the aux head where there is one
 
 
 def test_summary_flops_scale_with_pixels_and_training_costs_more():
@@ -197,8 +201,10 @@ def test_every_table1_config_loads_and_builds():
             assert contrast.memory.enabled and contrast.memory.sampling == "all"
             assert contrast.memory.pixel_size == contrast.memory.region_size == 5000
         with torch.device("meta"):
-            model = build_model(cfg.model, 19, with_projection=contrast.enabled)
-        assert (model.projection is not None) == contrast.enabled
+            model = build_model(cfg.model, 19)
+            if contrast.enabled:
+                module = PixelContrast.from_config(contrast, cfg.model, 19, model.feature_channels)
+                assert module.memory is not None and module.warmup_iters == 5000
 
 
 @pytest.mark.parametrize(
@@ -285,8 +291,8 @@ def test_ocr_on_a_backbone_whose_last_two_stages_differ_in_stride():
     cfg = ModelConfig.model_validate(
         {"backbone": {"name": "mobilenetv2", "output_stride": 32}, "head": "ocr"}
     )
-    model = build_model(cfg, NUM_CLASSES, with_projection=True).train()
+    model = build_model(cfg, NUM_CLASSES).train()
     out = model(torch.randn(2, 3, 64, 128))
     assert model.output_stride == 32
-    assert out["seg"].shape == (2, NUM_CLASSES, 2, 4) and out["embed"].shape[-2:] == (2, 4)
+    assert out["seg"].shape == (2, NUM_CLASSES, 2, 4) and out["features"].shape[-2:] == (2, 4)
     assert out["aux"].shape == (2, NUM_CLASSES, 4, 8)

@@ -13,21 +13,20 @@ from contrastseg.benchmarks.contrast_loss import (
     loop_reference_loss,
     run_loss_benchmark,
 )
-from contrastseg.errors import ConfigError
-from contrastseg.losses.memory import ClassMemory
-from contrastseg.losses.pixel_contrast import (
-    PixelContrastLoss,
+from contrastseg.contrast import (
+    PixelContrast,
     contrast_loss,
     sample_anchors,
     select_from_bank,
 )
+from contrastseg.errors import ConfigError
 
 TAU, TAU_B = 0.1, 0.07
 
 
 # ----------------------------------------------------------------------------- references
 def naive_loss(feats, labels, tau, tau_b, bank_feats=None, bank_labels=None, bank_index=None):
-    """The formula of METHOD.md section 3 with explicit loops over anchors and candidates."""
+    """The loss of docs/method.md with explicit loops over anchors and candidates."""
     z = feats.tolist()
     y = labels.tolist()
     bz = bank_feats.tolist() if bank_feats is not None else []
@@ -253,7 +252,7 @@ def test_sampler_small_classes_and_no_pair():
     embed, pred, target = _hand_map()
     feats, labels, pair = sample_anchors(embed, pred, target, 18, 10, 255)
     assert feats.shape == (0, 1) and labels.numel() == 0 and pair.numel() == 0
-    module = PixelContrastLoss(4, max_views=10)
+    module = PixelContrast(4, None, dim=3, max_views=10)
     x = embed.float().expand(1, 3, 5, 8).clone().requires_grad_(True)
     loss = module(x, F.one_hot(pred, 4).permute(0, 3, 1, 2).float(), target)
     assert loss.item() == 0.0
@@ -284,26 +283,26 @@ def _batch(seed, b=2, h=24, w=32, c=5, d=8, dtype=torch.float32):
 
 def test_module_determinism_and_seed():
     embed, logits, target = _batch(23)
-    a = PixelContrastLoss(5, max_views=20, max_samples=200, seed=3)(embed, logits, target)
-    b = PixelContrastLoss(5, max_views=20, max_samples=200, seed=3)(embed, logits, target)
-    c = PixelContrastLoss(5, max_views=20, max_samples=200, seed=4)(embed, logits, target)
+    a = PixelContrast(5, None, dim=8, max_views=20, max_samples=200, seed=3)(embed, logits, target)
+    b = PixelContrast(5, None, dim=8, max_views=20, max_samples=200, seed=3)(embed, logits, target)
+    c = PixelContrast(5, None, dim=8, max_views=20, max_samples=200, seed=4)(embed, logits, target)
     assert a.item() == b.item()
     assert a.item() != c.item()
 
 
 def test_module_generator_state_round_trip():
     embed, logits, target = _batch(24)
-    m1 = PixelContrastLoss(5, max_views=20, max_samples=200, seed=5)
+    m1 = PixelContrast(5, None, dim=8, max_views=20, max_samples=200, seed=5)
     m1(embed, logits, target)
     state = m1.state_dict()
-    m2 = PixelContrastLoss(5, max_views=20, max_samples=200, seed=99)
+    m2 = PixelContrast(5, None, dim=8, max_views=20, max_samples=200, seed=99)
     m2.load_state_dict(state)
     assert m1(embed, logits, target).item() == m2(embed, logits, target).item()
 
 
 def test_module_under_bf16_autocast():
     embed, logits, target = _batch(25)
-    module = PixelContrastLoss(5, max_views=20, max_samples=200)
+    module = PixelContrast(5, None, dim=8, max_views=20, max_samples=200)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = module(embed.to(torch.bfloat16), logits.to(torch.bfloat16), target)
     assert loss.dtype == torch.float32 and torch.isfinite(loss) and loss.item() > 0
@@ -313,13 +312,16 @@ def test_module_under_bf16_autocast():
 
 def test_module_with_memory_reads_before_push():
     embed, logits, target = _batch(26)
-    plain = PixelContrastLoss(5, max_views=20, max_samples=200, seed=1)
-    memory = ClassMemory(5, dim=8, pixel_size=50, region_size=10)
-    with_mem = PixelContrastLoss(
+    plain = PixelContrast(5, None, dim=8, max_views=20, max_samples=200, seed=1)
+    with_mem = PixelContrast(
         5,
+        None,
+        dim=8,
         max_views=20,
         max_samples=200,
-        memory=memory,
+        memory=True,
+        memory_size=50,
+        region_size=10,
         memory_sampling="hardest",
         k_pos=16,
         k_neg=32,
@@ -327,7 +329,7 @@ def test_module_with_memory_reads_before_push():
     )
     first = with_mem(embed, logits, target)
     assert first.item() == plain(embed, logits, target).item()  # memory was empty
-    assert len(memory) > 0
+    assert len(with_mem.memory) > 0
     second = with_mem(embed, logits, target)
     assert torch.isfinite(second) and second.item() != first.item()
     second.backward()
@@ -337,19 +339,22 @@ def test_module_with_memory_reads_before_push():
 @pytest.mark.parametrize("mode", ["all", "semi_hard"])
 def test_module_uses_the_memory_bank(mode):
     embed, logits, target = _batch(27)
-    memory = ClassMemory(5, dim=8, pixel_size=30, region_size=10)
-    module = PixelContrastLoss(
+    module = PixelContrast(
         5,
+        None,
+        dim=8,
         max_views=20,
         max_samples=200,
-        memory=memory,
+        memory=True,
+        memory_size=30,
+        region_size=10,
         memory_sampling=mode,
         k_pos=8,
         k_neg=16,
         semi_hard_fraction=0.5,
     )
     module(embed, logits, target)
-    bank, bank_labels = memory.bank()
+    bank, bank_labels = module.memory.bank()
     gen = torch.Generator()
     gen.set_state(module.generator_state())
     grid = module.grid_labels(target, (24, 32))
@@ -363,11 +368,13 @@ def test_module_uses_the_memory_bank(mode):
 
 def test_module_rejects_bad_configuration():
     with pytest.raises(ConfigError, match="memory_sampling"):
-        PixelContrastLoss(5, memory_sampling="semi")
+        PixelContrast(5, 16, memory_sampling="semi")
     with pytest.raises(ConfigError, match="ignore_index"):
-        PixelContrastLoss(5, ignore_index=3)
-    with pytest.raises(ConfigError, match="num_classes"):
-        PixelContrastLoss(5, memory=ClassMemory(4, dim=8))
+        PixelContrast(5, 16, ignore_index=3)
+    with pytest.raises(ConfigError, match="in_channels"):
+        PixelContrast(5, 0)
+    with pytest.raises(ConfigError, match="temperature"):
+        PixelContrast(5, 16, temperature=0.0)
 
 
 # ------------------------------------------------------------------------- memory sampling
@@ -451,7 +458,7 @@ def test_loop_reference_equals_vectorised_on_kind_constant_embeddings():
     codes = F.normalize(torch.randn(5, 2, 6, generator=g, dtype=torch.float64), dim=2)
     embed = codes[target, (pred == target).long()].permute(0, 3, 1, 2).contiguous()
     logits = F.one_hot(pred, 5).permute(0, 3, 1, 2).double()
-    vec = PixelContrastLoss(5, max_samples=300, max_views=40)(embed, logits, target)
+    vec = PixelContrast(5, None, dim=6, max_samples=300, max_views=40)(embed, logits, target)
     loop = loop_reference_loss(embed, logits, target, max_samples=300, max_views=40, generator=g)
     assert vec.item() > 0
     assert abs(vec.item() - loop.item()) < 1e-9

@@ -25,6 +25,7 @@ _API = {
     "predict": "contrastseg.inference",
     "export_checkpoint": "contrastseg.export",
     "predict_onnx": "contrastseg.onnx_predict",
+    "PixelContrast": "contrastseg.contrast",
     "Segmentor": "contrastseg.models",
     "build_model": "contrastseg.models",
     "ContrastSegError": "contrastseg.errors",

@@ -89,6 +89,11 @@ class BackboneConfig(_Section):
     pretrained: bool = False
     weights: Path | None = None
     strict: bool = True
+    # timm: timm's modules as they are. released: two parameter-free operations as in the
+    # authors' released code, so that its checkpoints give its logits: HRNet's fuse layers
+    # upsample bilinearly (align_corners=True) instead of nearest, and ResNet's stem max-pool
+    # rounds its output size up (ceil_mode=True: 129x257 stride-8 maps for a 1024x2048 image).
+    variant: Literal["timm", "released"] = "timm"
 
     @property
     def is_hrnet(self) -> bool:
@@ -116,10 +121,16 @@ class ModelConfig(_Section):
     # hrnetv2: the four HRNet branches concatenated at stride 4 (no auxiliary head);
     # ocr: object-contextual representations (its soft-object-region head is the auxiliary).
     head: Literal["deeplabv3", "hrnetv2", "ocr"] = "deeplabv3"
-    head_channels: int = Field(256, ge=8)  # deeplabv3 only
+    # released: the layer layout of the authors' released code (docs/models.md); compact: the
+    # lighter layout (1x1 ASPP projection, 1x1 HRNetV2 head, no conv biases before BN).
+    head_variant: Literal["released", "compact"] = "released"
+    # deeplabv3 only: ASPP width; null: 512 for the released layout, 256 for the compact one
+    head_channels: int | None = Field(None, ge=8)
     aspp_rates: tuple[int, int, int] = (12, 24, 36)
     aux: bool = True  # the FCN auxiliary head of deeplabv3 (hrnetv2 has none; ocr always has one)
     aux_channels: int = Field(256, ge=8)
+    # before the classifier of the compact deeplabv3 and FCN heads and of the released hrnetv2
+    # head (the released deeplabv3 and FCN heads have none; OCR uses ocr_dropout)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     projection_dim: int = Field(256, ge=2)
     # Hidden width of the projection head; null: the features' width (d -> d, docs/method.md,
@@ -283,6 +294,9 @@ class TrainConfig(_Section):
     max_bad_steps: int = Field(5, ge=1)  # consecutive non-finite steps before stopping
     channels_last: bool = False
     compile: bool = False
+    # Resume from the run folder's newest loadable checkpoint without --resume (a fresh folder
+    # starts from iteration 0). Under torchrun a restarted group always does.
+    auto_resume: bool = False
 
 
 class EvalConfig(_Section):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,22 +18,26 @@ from contrastseg.engine.checkpoint import load_checkpoint
 from contrastseg.engine.evaluator import evaluate, format_table, write_eval_json
 from contrastseg.engine.runtime import resolve_device
 from contrastseg.errors import CheckpointError, DataError
+from contrastseg.files import atomic_write
 from contrastseg.models import Segmentor, build_model
+
+log = logging.getLogger("contrastseg")
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
 def load_trained_model(
-    path: Path, device: str | torch.device = "cpu", with_projection: bool = False
+    path: Path, device: str | torch.device = "cpu", trust: bool = False
 ) -> tuple[Segmentor, ExperimentConfig, dict]:
-    """Rebuild the model of a checkpoint in eval mode: without the projection head, or with it
-    (``with_projection``) when the checkpoint has one (it was trained with pixel contrast)."""
-    state = load_checkpoint(Path(path))
+    """Rebuild the model of a checkpoint in eval mode (backbone, decode head, auxiliary head;
+    the pixel-contrast module of a contrast run lives in ``state["loss"]``). The file is read
+    safely; ``trust`` also allows the classes a file of the user's own names (unsafe: see
+    :func:`contrastseg.engine.checkpoint.read_file`)."""
+    state = load_checkpoint(Path(path), trust=trust)
     cfg = ExperimentConfig.model_validate(state["config"])
     num_classes = len(state["class_names"])
-    keep = with_projection and any(k.startswith("projection.") for k in state["model"])
-    model = build_model(cfg.model, num_classes, with_projection=keep, backbone_weights=False)
-    weights = {k: v for k, v in state["model"].items() if keep or not k.startswith("projection.")}
+    model = build_model(cfg.model, num_classes, backbone_weights=False)
+    weights = state["model"]
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:
@@ -45,9 +52,10 @@ def evaluate_checkpoint(
     split: str | None = None,
     out: Path | None = None,
     print_table: bool = True,
+    trust: bool = False,
 ) -> dict:
     """Evaluate ``checkpoint`` on a split of the data ``cfg`` describes; writes ``eval.json``."""
-    model, _, state = load_trained_model(checkpoint, cfg.train.device)
+    model, _, state = load_trained_model(checkpoint, cfg.train.device, trust=trust)
     device = next(model.parameters()).device
     dataset = build_eval_dataset(cfg.data, split)
     if list(dataset.classes) != list(state["class_names"]):
@@ -79,17 +87,26 @@ def evaluate_checkpoint(
 
 def expand_images(inputs: list[Path]) -> list[Path]:
     """Files as given, and the image files inside given folders (sorted)."""
+    files, missing = _collect_images(inputs)
+    if missing:
+        raise DataError(f"{missing[0]}: no such file or folder")
+    if not files:
+        raise DataError(f"no images found in {[str(p) for p in inputs]}")
+    return files
+
+
+def _collect_images(inputs: list[Path]) -> tuple[list[Path], list[Path]]:
+    """(image files, given paths that do not exist)."""
     files: list[Path] = []
+    missing: list[Path] = []
     for p in map(Path, inputs):
         if p.is_dir():
             files += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
         elif p.is_file():
             files.append(p)
         else:
-            raise DataError(f"{p}: no such file or folder")
-    if not files:
-        raise DataError(f"no images found in {[str(p) for p in inputs]}")
-    return files
+            missing.append(p)
+    return files, missing
 
 
 def normalize_image(rgb: np.ndarray, mean, std) -> torch.Tensor:
@@ -99,32 +116,158 @@ def normalize_image(rgb: np.ndarray, mean, std) -> torch.Tensor:
     return (torch.from_numpy(rgb).permute(2, 0, 1).float() / 255 - mean) / std
 
 
+# Written in this order, each atomically: an image whose mask exists is finished.
+OUTPUT_SUFFIXES = ("_labels.png", "_overlay.png", "_mask.png")
+
+
+def prediction_paths(stem: str, out_dir: Path) -> list[Path]:
+    """The files ``predict`` writes for an image of stem ``stem``: labels, overlay, mask."""
+    return [Path(out_dir) / f"{stem}{suffix}" for suffix in OUTPUT_SUFFIXES]
+
+
+def _write_png(path: Path, array: np.ndarray) -> None:
+    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+
+
 def save_prediction(
     stem: str, rgb: np.ndarray, pred: np.ndarray, palette: np.ndarray, out_dir: Path, alpha: float
 ) -> Path:
-    """Write ``<stem>_mask.png``, ``<stem>_overlay.png`` and ``<stem>_labels.png`` for an
-    (H, W) uint8 class-id map; returns the mask path."""
+    """Write ``<stem>_labels.png`` (class ids), ``<stem>_overlay.png`` and ``<stem>_mask.png``
+    (palette colours) for an (H, W) uint8 class-id map, each atomically (a crash leaves a file
+    whole or absent); returns the mask path."""
     color = colorize(pred, palette)
     overlay = (alpha * color + (1 - alpha) * rgb).round().astype(np.uint8)
-    Image.fromarray(color).save(out_dir / f"{stem}_mask.png")
-    Image.fromarray(overlay).save(out_dir / f"{stem}_overlay.png")
-    Image.fromarray(pred).save(out_dir / f"{stem}_labels.png")
-    return out_dir / f"{stem}_mask.png"
+    labels_path, overlay_path, mask_path = prediction_paths(stem, out_dir)
+    _write_png(labels_path, pred)
+    _write_png(overlay_path, overlay)
+    _write_png(mask_path, color)
+    return mask_path
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """An input that got no prediction, and why."""
+
+    path: Path
+    reason: str
+
+
+class PredictResult(list):
+    """The mask paths written (a list, in input order), plus ``skipped`` (inputs that got no
+    prediction, with the reason) and ``existing`` (inputs whose three outputs were already
+    there and were kept, with ``skip_existing``)."""
+
+    def __init__(self, out_dir: Path) -> None:
+        super().__init__()
+        self.out_dir = Path(out_dir)
+        self.skipped: list[Skipped] = []
+        self.existing: list[Path] = []
+
+    @property
+    def ok(self) -> bool:
+        return not self.skipped
+
+    def summary(self) -> str:
+        """``done: 4 of 5 images (3 written to OUT, 1 already there); skipped 1:`` and one
+        indented ``PATH: reason`` line per skipped input."""
+        total = len(self) + len(self.existing) + len(self.skipped)
+        head = f"done: {len(self) + len(self.existing)} of {total} images ({len(self)} written to "
+        head += f"{self.out_dir}, {len(self.existing)} already there); skipped {len(self.skipped)}"
+        lines = [head + (":" if self.skipped else "")]
+        lines += [f"  {s.path}: {s.reason}" for s in self.skipped]
+        return "\n".join(lines)
+
+
+def _one_line(err: Exception, path: Path) -> str:
+    text = " ".join(str(err).split())
+    return text.removeprefix(f"{path}: ") or type(err).__name__
+
+
+def predict_files(
+    images: list[Path],
+    out_dir: Path,
+    infer: Callable[[np.ndarray], np.ndarray],
+    palette: np.ndarray,
+    alpha: float = 0.5,
+    strict: bool = False,
+    skip_existing: bool = False,
+) -> PredictResult:
+    """Run ``infer`` ((H, W, 3) uint8 RGB -> (H, W) uint8 class ids) on every image of
+    ``images`` (files, and the images inside folders) and write its outputs into ``out_dir``.
+
+    An input that cannot be read or predicted (missing, corrupt, a size the model cannot take),
+    or whose outputs would overwrite another input's (same stem), is skipped with a one-line
+    warning and listed in the result's ``skipped``; with ``strict`` the first one raises
+    ``DataError`` instead. With ``skip_existing`` an input whose three outputs exist is not
+    predicted again (each output is written atomically, so existing files are whole).
+    """
+    files, missing = _collect_images(images)
+    if strict and missing:
+        raise DataError(f"{missing[0]}: no such file or folder")
+    if not files and not missing:
+        raise DataError(f"no images found in {[str(p) for p in images]}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = PredictResult(out_dir)
+
+    def skip(path: Path, reason: str) -> None:
+        log.warning("skipped %s: %s", path, reason)
+        result.skipped.append(Skipped(path, reason))
+
+    for path in missing:
+        skip(path, "no such file or folder")
+    owners: dict[str, Path] = {}
+    for path in files:
+        if path.stem in owners:
+            reason = (
+                f"its outputs {path.stem}_*.png would overwrite those of {owners[path.stem]}; "
+                "rename one of them"
+            )
+            if strict:
+                raise DataError(f"{path}: {reason}")
+            skip(path, reason)
+            continue
+        owners[path.stem] = path
+        if skip_existing and all(p.is_file() for p in prediction_paths(path.stem, out_dir)):
+            result.existing.append(path)
+            continue
+        try:
+            rgb = load_image(path)
+            pred = infer(rgb)
+        except DataError as err:
+            if strict:
+                raise
+            skip(path, _one_line(err, path))
+            continue
+        except (RuntimeError, ValueError) as err:  # e.g. a size the model cannot take
+            if strict:
+                raise DataError(f"{path}: prediction failed: {_one_line(err, path)}") from err
+            skip(path, f"prediction failed: {_one_line(err, path)}")
+            continue
+        result.append(save_prediction(path.stem, rgb, pred, palette, out_dir, alpha))
+    return result
 
 
 @torch.no_grad()
-def predict(checkpoint: Path, images: list[Path], out_dir: Path, alpha: float = 0.5) -> list[Path]:
+def predict(
+    checkpoint: Path,
+    images: list[Path],
+    out_dir: Path,
+    alpha: float = 0.5,
+    strict: bool = False,
+    skip_existing: bool = False,
+    trust: bool = False,
+) -> PredictResult:
     """Write, per image, ``<stem>_mask.png`` (palette colours), ``<stem>_overlay.png`` and
-    ``<stem>_labels.png`` (class ids) into ``out_dir``. Returns the mask paths."""
-    model, cfg, state = load_trained_model(checkpoint, "auto")
+    ``<stem>_labels.png`` (class ids) into ``out_dir``. Returns the mask paths written, with the
+    inputs skipped and kept (see :func:`predict_files` for ``strict`` and ``skip_existing``;
+    ``trust``: see :func:`load_trained_model`)."""
+    model, cfg, state = load_trained_model(checkpoint, "auto", trust=trust)
     device = next(model.parameters()).device
     palette = np.asarray(state["palette"], dtype=np.uint8)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for path in expand_images(images):
-        rgb = load_image(path)
-        x = normalize_image(rgb, cfg.data.mean, cfg.data.std)
-        pred = model.predict_logits(x[None].to(device)).argmax(1)[0].cpu().numpy().astype(np.uint8)
-        written.append(save_prediction(path.stem, rgb, pred, palette, out_dir, alpha))
-    return written
+
+    def infer(rgb: np.ndarray) -> np.ndarray:
+        x = normalize_image(rgb, cfg.data.mean, cfg.data.std)[None].to(device)
+        return model.predict_logits(x).argmax(1)[0].cpu().numpy().astype(np.uint8)
+
+    return predict_files(images, out_dir, infer, palette, alpha, strict, skip_existing)

@@ -3,7 +3,7 @@
 :func:`loop_reference_loss` follows the structure of the official ContrastiveSeg code (Python
 loops over images and classes, a ``nonzero`` and host sync per class, one gather from the full
 embedding tensor per (image, class)) with the same loss formula as
-:func:`contrastseg.losses.pixel_contrast.contrast_loss`. :func:`run_loss_benchmark` times
+:func:`contrastseg.contrast.contrast_loss`. :func:`run_loss_benchmark` times
 forward + backward of both on random data with a realistic block structure.
 """
 
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from contrastseg.benchmarks.timing import interleaved_median_ms
-from contrastseg.losses.pixel_contrast import PixelContrastLoss
+from contrastseg.contrast import PixelContrast
 
 __all__ = [
     "format_loss_benchmark",
@@ -37,7 +37,7 @@ def loop_reference_loss(
 ) -> Tensor:
     """Pixel contrast with loop-based sampling, as structured in the official code.
 
-    Same sampling rules and loss as :class:`PixelContrastLoss` without memory (its own random
+    Same sampling rules and loss as :class:`PixelContrast` without memory (its own random
     choices), written with per-image and per-class Python loops.
     """
     B, D, h, w = embed.shape
@@ -154,7 +154,7 @@ def run_loss_benchmark(
     repeats: int = 3,
     dtype: torch.dtype = torch.float32,
 ) -> list[dict]:
-    """Forward + backward time of :class:`PixelContrastLoss` (no memory) vs the loop version.
+    """Forward + backward time of :class:`PixelContrast` on embeddings (no memory) vs the loop version.
 
     Returns one row per (batch, grid): ``batch``, ``grid`` (``"hxw"``), ``ms_vectorised``,
     ``ms_loop`` (medians of ``repeats`` after one warm-up, the two alternating) and
@@ -168,7 +168,7 @@ def run_loss_benchmark(
                 batch, tuple(grid), num_classes, dim, device, dtype
             )
             embed.requires_grad_(True)
-            module = PixelContrastLoss(num_classes).to(device)
+            module = PixelContrast(num_classes, None, dim=dim).to(device)
             gen = torch.Generator(device=device).manual_seed(0)
 
             def vectorised(module=module, embed=embed, seg_logits=seg_logits, target=target):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from contrastseg.benchmarks.timing import interleaved_median_ms
-from contrastseg.losses.pixel_contrast import contrast_loss
+from contrastseg.contrast import contrast_loss
 
 VARIANTS = ("streamed", "kept", "slots")
 

@@ -6,6 +6,7 @@ import torch
 
 from contrastseg.benchmarks.timing import interleaved_median_ms
 from contrastseg.config import ExperimentConfig
+from contrastseg.contrast import PixelContrast
 from contrastseg.losses import LossSet
 from contrastseg.models import build_model
 
@@ -20,12 +21,18 @@ def _make_step(
     loss_cfg = cfg.loss.model_copy(deep=True)
     loss_cfg.contrast.enabled = contrast
     loss_cfg.contrast.warmup_iters = 0
-    model = build_model(cfg.model, num_classes, with_projection=contrast, backbone_weights=False)
+    model = build_model(cfg.model, num_classes, backbone_weights=False)
+    module = None
+    if contrast:
+        module = PixelContrast.from_config(
+            loss_cfg.contrast, cfg.model, num_classes, model.feature_channels
+        )
     model = model.to(device).train()
-    losses = LossSet(loss_cfg, num_classes, embed_dim=cfg.model.projection_dim).to(device)
-    if contrast and losses.contrast.memory is not None:
-        losses.contrast.memory.fill_random_()  # time the steady state: a full memory
-    optim = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    losses = LossSet(loss_cfg, num_classes, contrast=module).to(device)
+    if module is not None and module.memory is not None:
+        module.memory.fill_random_()  # time the steady state: a full memory
+    params = list(model.parameters()) + losses.model_parameters()
+    optim = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
     dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from contrastseg.config import EvalConfig
-from contrastseg.engine.distributed import all_reduce_sum
+from contrastseg.distributed import all_reduce_sum
 from contrastseg.engine.metrics import ConfusionMatrix
 from contrastseg.engine.test_time import infer_probs
 from contrastseg.models import Segmentor

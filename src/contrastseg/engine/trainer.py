@@ -17,14 +17,15 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 from contrastseg.config import ExperimentConfig, OptimConfig, save_config
-from contrastseg.engine import checkpoint as ckpt
-from contrastseg.engine.builders import build_eval_dataset, build_train_dataset
-from contrastseg.engine.distributed import (
+from contrastseg.contrast import PixelContrast
+from contrastseg.distributed import (
     all_processes_agree,
     convert_sync_batchnorm,
     init_distributed,
     mean_over_processes,
 )
+from contrastseg.engine import checkpoint as ckpt
+from contrastseg.engine.builders import build_eval_dataset, build_train_dataset
 from contrastseg.engine.evaluator import evaluate, format_table, write_eval_json
 from contrastseg.engine.progress import TrainProgress
 from contrastseg.engine.runtime import environment_info, resolve_device, seed_everything
@@ -92,6 +93,11 @@ class Trainer:
         self.progress = progress
         self.run_dir = cfg.run_dir
         self.ckpt_dir = self.run_dir / "checkpoints"
+        # Resuming without --resume: torchrun restarted the group, or train.auto_resume.
+        reason = (
+            "--resume" if resume else ckpt.auto_resume_reason(cfg.train.auto_resume, self.ckpt_dir)
+        )
+        resume = reason is not None
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         seed_everything(cfg.train.seed, cfg.train.deterministic)
@@ -104,25 +110,36 @@ class Trainer:
         build_eval_dataset(cfg.data)  # a missing or empty val split stops the run before training
         self.num_classes = self.train_set.num_classes
         self.class_names = list(self.train_set.classes)
-        contrast = cfg.loss.contrast.enabled
-        model = build_model(
-            cfg.model, self.num_classes, with_projection=contrast, backbone_weights=not resume
-        )
+        model = build_model(cfg.model, self.num_classes, backbone_weights=not resume)
+        # Pixel contrast is attached the way any user attaches it: a PixelContrast module that
+        # reads the model's training features (built right after the model, so that its
+        # projection head draws the same initial weights whatever else the run builds).
+        contrast = None
+        if cfg.loss.contrast.enabled:
+            contrast = PixelContrast.from_config(
+                cfg.loss.contrast,
+                cfg.model,
+                self.num_classes,
+                model.feature_channels,
+                seed=cfg.train.seed + self.dist.rank,  # each process draws its own anchors
+                num_images=len(self.train_set),
+            )
         if self.dist.enabled and cfg.train.sync_bn:
             model = convert_sync_batchnorm(model, self.device.type)
+            if contrast is not None:
+                contrast.projection = convert_sync_batchnorm(contrast.projection, self.device.type)
         self.model = model.to(self.device)
         self.loss_set = LossSet(
-            cfg.loss,
-            self.num_classes,
-            embed_dim=cfg.model.projection_dim,
-            seed=cfg.train.seed + self.dist.rank,  # each process draws its own anchors
-            num_images=len(self.train_set),
-            total_iters=cfg.train.iters,
+            cfg.loss, self.num_classes, contrast=contrast, total_iters=cfg.train.iters
         ).to(self.device)
-        # The loss set's own parameters (AAF's adaptive weights, trained by gradient ascent
-        # through a reversed gradient) join as a second group with their own lr_mult.
+        # The projection head trains with the model (same group); the loss set's own
+        # parameters (AAF's adaptive weights, trained by gradient ascent through a reversed
+        # gradient) join as a second group with their own lr_mult.
         self.optimizer = torch.optim.SGD(
-            [{"params": list(self.model.parameters())}, *self.loss_set.optimizer_groups()],
+            [
+                {"params": list(self.model.parameters()) + self.loss_set.model_parameters()},
+                *self.loss_set.optimizer_groups(),
+            ],
             lr=cfg.optim.lr,
             momentum=cfg.optim.momentum,
             weight_decay=cfg.optim.weight_decay,
@@ -132,6 +149,13 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
         if cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+            if contrast is not None:
+                contrast.projection.to(memory_format=torch.channels_last)
+        # Batch-norm statistics that a skipped step restores (the model's and the projection
+        # head's; not the contrast memory, which never stores a non-finite embedding).
+        self.bn_buffers = list(self.model.buffers())
+        if contrast is not None:
+            self.bn_buffers += list(contrast.projection.buffers())
         forward = self.model
         self.ddp: DistributedDataParallel | None = None
         if self.dist.enabled:
@@ -141,7 +165,7 @@ class Trainer:
         check_micro_batches(cfg.train.batch_size, cfg.train.grad_accum, self.dist.world_size)
         self.iteration = 0
         if resume:
-            self._resume()
+            self._resume(reason)
         elif ckpt.list_checkpoints(self.ckpt_dir):
             raise CheckpointError(
                 f"{self.ckpt_dir} already holds checkpoints: pass --resume to continue that run, "
@@ -149,7 +173,9 @@ class Trainer:
             )
 
     # --- state -----------------------------------------------------------------------------
-    def state_dict(self) -> dict:
+    def state_dict(self, processes: list[dict] | None = None) -> dict:
+        """The checkpoint's contents; ``processes``: every process's random state
+        (:meth:`process_states`), by default this process's alone."""
         return {
             "format_version": ckpt.FORMAT_VERSION,
             "iteration": self.iteration,
@@ -164,16 +190,42 @@ class Trainer:
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             },
+            "processes": processes if processes is not None else [self._process_state()],
             "environment": environment_info(self.device),
         }
 
-    def _resume(self) -> None:
+    def _process_state(self) -> dict:
+        """What differs between processes: the torch RNGs and the loss set's random
+        generators (``*_extra_state``; each process draws its own anchors)."""
+        generators = {
+            k: v for k, v in self.loss_set.state_dict().items() if k.endswith("_extra_state")
+        }
+        return {
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
+            "loss": generators,
+        }
+
+    def process_states(self) -> list[dict]:
+        """Every process's :meth:`_process_state`, in rank order (a collective under DDP)."""
+        mine = self._process_state()
+        if not self.dist.enabled:
+            return [mine]
+        gathered: list = [None] * self.dist.world_size
+        torch.distributed.all_gather_object(gathered, mine)
+        return gathered
+
+    def _resume(self, reason: str = "--resume") -> None:
         found = ckpt.latest_loadable(self.ckpt_dir)
         if found is None:
-            raise CheckpointError(
-                f"--resume: no loadable checkpoint in {self.ckpt_dir}; run the same command "
-                "without --resume to start from iteration 0"
+            fix = (
+                "run the same command without --resume to start from iteration 0"
+                if reason == "--resume"
+                else "its files are torn or corrupt: move them away to start from iteration 0"
             )
+            raise CheckpointError(f"{reason}: no loadable checkpoint in {self.ckpt_dir}; {fix}")
         path, state = found
         if state["class_names"] != self.class_names:
             raise CheckpointError(
@@ -185,21 +237,36 @@ class Trainer:
             self.model.load_state_dict(state["model"])
         except RuntimeError as err:
             raise CheckpointError(f"{path}: does not fit the configured model: {err}") from err
+        processes = state.get("processes") or []
+        mine = {"rng": state["rng"], "loss": {}}  # process 0's, in the top-level entries
+        if len(processes) == self.dist.world_size:
+            mine = processes[self.dist.rank]
+        elif self.dist.is_main:
+            log.warning(
+                "%s was written by %d process(es), this run has %d: each takes process 0's "
+                "random state, so the run will not repeat an uninterrupted one exactly",
+                path,
+                len(processes),
+                self.dist.world_size,
+            )
         self.optimizer.load_state_dict(state["optimizer"])
+        state["loss"].update(mine["loss"])
         self.loss_set.load_state_dict(state["loss"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        torch.set_rng_state(mine["rng"]["torch"])
+        if mine["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(mine["rng"]["cuda"])
         self.iteration = state["iteration"]
-        log.info("resumed from %s at iteration %d", path, self.iteration)
+        log.info("resumed from %s at iteration %d (%s)", path, self.iteration, reason)
 
     def save_checkpoint(self) -> Path:
-        """Write this iteration's checkpoint (rank 0 only) and keep the newest few."""
+        """Write this iteration's checkpoint (rank 0 only) and keep the newest few; every
+        process calls it (the processes' random states are gathered)."""
         path = ckpt.checkpoint_path(self.ckpt_dir, self.iteration)
+        processes = self.process_states()
         if self.dist.is_main:
-            ckpt.atomic_save(self.state_dict(), path)
+            ckpt.atomic_save(self.state_dict(processes), path)
             ckpt.rotate(self.ckpt_dir, self.cfg.train.keep_checkpoints)
         return path
 
@@ -245,7 +312,7 @@ class Trainer:
             fraction = 1.0 / accum
         self.optimizer.zero_grad(set_to_none=True)
         # Batch-norm running statistics change in the forward pass: a skipped step restores them.
-        buffers = [b.detach().clone() for b in self.model.buffers()]
+        buffers = [b.detach().clone() for b in self.bn_buffers]
         summed: dict[str, torch.Tensor] = {}
         finite = True
         micro = zip(image.chunk(accum), target.chunk(accum), index.chunk(accum), strict=True)
@@ -281,7 +348,7 @@ class Trainer:
         else:
             self.optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
-                for buffer, saved in zip(self.model.buffers(), buffers, strict=True):
+                for buffer, saved in zip(self.bn_buffers, buffers, strict=True):
                     buffer.copy_(saved)
         self.iteration += 1
         values = {k: float(v) for k, v in summed.items()}

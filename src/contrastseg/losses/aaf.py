@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from contrastseg.errors import ConfigError
-from contrastseg.losses.cross_entropy import autocast_off, check_logits_target, upsample_to
+from contrastseg.losses.cross_entropy import check_logits_target, upsample_to
+from contrastseg.precision import autocast_off
 
 __all__ = [
     "AAF_VARIANTS",

@@ -2,20 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
 from contrastseg.errors import ConfigError
-
-
-def autocast_off(device_type: str):
-    """A context in which autocast is disabled (a no-op for device types autocast lacks)."""
-    try:
-        return torch.autocast(device_type=device_type, enabled=False)
-    except RuntimeError:
-        return contextlib.nullcontext()
 
 
 def check_logits_target(logits: torch.Tensor, target: torch.Tensor) -> None:

@@ -6,7 +6,9 @@ import torch
 from torch import nn
 
 from contrastseg.config import LossConfig
-from contrastseg.engine.distributed import all_reduce_sum, is_distributed
+from contrastseg.contrast import PixelContrast
+from contrastseg.distributed import all_reduce_sum, is_distributed
+from contrastseg.errors import ConfigError
 from contrastseg.losses.aaf import AAFLoss
 from contrastseg.losses.cross_entropy import cross_entropy
 from contrastseg.losses.lovasz import lovasz_softmax
@@ -32,13 +34,15 @@ def global_pixel_normalizer(target: torch.Tensor, ignore_index: int) -> torch.Te
 class LossSet(nn.Module):
     """``forward(outputs, target, step) -> dict`` of every term and ``total``.
 
-    outputs: the model's training dict (``seg``, optional ``aux`` and ``embed``);
-    target: (B, H, W) int64, ignore = ``ignore_index``; step: the 0-based iteration.
-    Terms: ``ce`` (OHEM-CE with ``loss.ce.ohem``), ``aux_ce``, and each enabled loss past its
-    warm-up (``lovasz``, ``rmi``, ``aaf``, ``contrast``), all on ``seg``; a term in its warm-up
-    is not computed at all. Terms are logged unweighted; ``total`` is the weighted sum. State
-    (contrast memory and its random generator, AAF's adaptive weights) is part of
-    ``state_dict`` and so of checkpoints. ``total_iters`` is AAF's decay length when
+    outputs: the model's training dict (``seg``, optional ``aux``, and ``features`` when
+    ``contrast`` is given); target: (B, H, W) int64, ignore = ``ignore_index``; step: the
+    0-based iteration. Terms: ``ce`` (OHEM-CE with ``loss.ce.ohem``), ``aux_ce``, and each
+    enabled loss past its warm-up (``lovasz``, ``rmi``, ``aaf``, ``contrast``), all on ``seg``;
+    a term in its warm-up is not computed at all. Terms are logged unweighted; ``total`` is the
+    weighted sum. ``contrast`` is the :class:`~contrastseg.PixelContrast` module the config's
+    ``loss.contrast`` describes (required when it is enabled); it is a submodule, so its
+    projection head, memory and random generator are part of ``state_dict`` and so of
+    checkpoints, as are AAF's adaptive weights. ``total_iters`` is AAF's decay length when
     ``loss.aaf.decay_steps`` is null (the trainer passes ``train.iters``).
     """
 
@@ -46,16 +50,21 @@ class LossSet(nn.Module):
         self,
         cfg: LossConfig,
         num_classes: int,
-        embed_dim: int = 256,
+        contrast: PixelContrast | None = None,
         ignore_index: int = 255,
-        seed: int = 0,
-        num_images: int | None = None,
         total_iters: int | None = None,
     ) -> None:
         super().__init__()
+        if cfg.contrast.enabled != (contrast is not None):
+            raise ConfigError(
+                "loss.contrast.enabled is "
+                f"{cfg.contrast.enabled} but a PixelContrast module was "
+                f"{'not ' if contrast is None else ''}given; build it with "
+                "PixelContrast.from_config when the config enables contrast, and only then"
+            )
         self.cfg = cfg
         self.ignore_index = ignore_index
-        self.contrast: nn.Module | None = None
+        self.contrast = contrast
         self.aaf: AAFLoss | None = None
         if cfg.aaf.enabled:
             a = cfg.aaf
@@ -66,47 +75,19 @@ class LossSet(nn.Module):
                 init_weights=a.init_weights,
                 decay_steps=a.decay_steps or total_iters,
                 ignore_index=ignore_index,
+                variant=a.variant,
             )
-        c = cfg.contrast
-        if c.enabled:
-            from contrastseg.losses.memory import ClassMemory
-            from contrastseg.losses.pixel_contrast import PixelContrastLoss
-
-            memory = None
-            if c.memory.enabled:
-                memory = ClassMemory(
-                    num_classes,
-                    dim=embed_dim,
-                    pixel_size=c.memory.pixel_size,
-                    pixels_per_image=c.memory.pixels_per_image,
-                    region_mode=c.memory.region_mode,
-                    region_size=c.memory.region_size,
-                    num_images=num_images,
-                    dtype=getattr(torch, c.memory.dtype),
-                )
-            self.contrast = PixelContrastLoss(
-                num_classes,
-                temperature=c.temperature,
-                base_temperature=c.base_temperature,
-                max_samples=c.max_samples,
-                max_views=c.max_views,
-                ignore_index=ignore_index,
-                memory=memory,
-                memory_sampling=c.memory.sampling,
-                k_pos=c.memory.k_pos,
-                k_neg=c.memory.k_neg,
-                semi_hard_fraction=c.memory.semi_hard_fraction,
-                seed=seed,
-            )
-
-    def contrast_active(self, step: int) -> bool:
-        return self.contrast is not None and step >= self.cfg.contrast.warmup_iters
 
     def active(self, name: str, step: int) -> bool:
         """Whether term ``name`` (``lovasz``, ``rmi``, ``aaf``, ``contrast``) is computed at
         ``step``: enabled and past its ``warmup_iters``."""
         section = getattr(self.cfg, name)
         return section.enabled and step >= section.warmup_iters
+
+    def model_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained like the model's, in its optimiser group: the contrast
+        projection head's (empty without contrast)."""
+        return [] if self.contrast is None else list(self.contrast.parameters())
 
     def optimizer_groups(self) -> list[dict]:
         """Parameter groups of the loss's own trainable parameters (AAF's adaptive weights:
@@ -122,8 +103,9 @@ class LossSet(nn.Module):
         ]
 
     def sync_gradients(self) -> None:
-        """Under DDP: average the gradients of the loss's parameters over the processes (they
-        are outside the DDP model); a no-op in one process."""
+        """Under DDP: average the gradients of the loss's parameters (AAF's weights, the
+        contrast projection head) over the processes (they are outside the DDP model); a
+        no-op in one process."""
         if not is_distributed():
             return
         world = torch.distributed.get_world_size()
@@ -183,20 +165,20 @@ class LossSet(nn.Module):
                 bce_weight=c.bce_weight,
                 rmi_weight=c.rmi_weight,
                 ignore_index=self.ignore_index,
+                variant=c.variant,
             )
             total = total + c.weight * terms["rmi"]
         if self.aaf is not None and self.active("aaf", step):
             terms["aaf"] = fraction * self.aaf(seg, target, step)
             total = total + cfg.aaf.weight * terms["aaf"]
-        if "embed" in outputs:
-            if self.contrast_active(step):
-                terms["contrast"] = fraction * self.contrast(
-                    outputs["embed"], outputs["seg"].detach(), target, image_ids
-                )
+        if self.contrast is not None:
+            # In its warm-up the module returns a zero attached to its projection head, which
+            # joins the total (every parameter gets a gradient) but not the logged terms.
+            value = self.contrast(outputs["features"], seg.detach(), target, step, image_ids)
+            if self.contrast.active(step):
+                terms["contrast"] = fraction * value
                 total = total + cfg.contrast.weight * terms["contrast"]
             else:
-                # Warm-up: no sampling at all, but keep the projection head in the graph so that
-                # DDP needs no find_unused_parameters.
-                total = total + 0.0 * outputs["embed"].sum()
+                total = total + value
         terms["total"] = total
         return terms

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from contrastseg.errors import ConfigError
-from contrastseg.losses.cross_entropy import autocast_off, check_logits_target, upsample_to
+from contrastseg.losses.cross_entropy import check_logits_target, upsample_to
+from contrastseg.precision import autocast_off
 
 __all__ = ["LOVASZ_CLASSES", "lovasz_grad", "lovasz_softmax", "lovasz_softmax_flat"]
 

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from contrastseg.errors import ConfigError
-from contrastseg.losses.cross_entropy import autocast_off, cross_entropy, upsample_to
+from contrastseg.losses.cross_entropy import cross_entropy, upsample_to
+from contrastseg.precision import autocast_off
 
 __all__ = ["ohem_cross_entropy", "ohem_mask"]
 

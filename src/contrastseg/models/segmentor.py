@@ -1,4 +1,4 @@
-"""Segmentor = backbone -> decode head (+ auxiliary head, + projection head in training)."""
+"""Segmentor = backbone -> decode head (+ auxiliary head in training)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from contrastseg.errors import ConfigError
 from contrastseg.models.backbones import TimmBackbone, load_backbone_weights
 from contrastseg.models.heads import DeepLabV3Head, FCNHead, HRNetV2Head
 from contrastseg.models.ocr import OCRHead
-from contrastseg.models.projection import ProjectionHead
 
 
 class Segmentor(nn.Module):
@@ -20,10 +19,9 @@ class Segmentor(nn.Module):
     ``forward(x: (B, 3, H, W)) -> dict``. In training mode: ``seg`` (B, C, h, w) logits at the
     head's stride (``output_stride``: 8 for DeepLabV3, 4 for HRNetV2 and OCR-HRNet), ``aux``
     (B, C, h', w') when an auxiliary head exists (DeepLabV3's FCN head, OCR's soft object
-    regions), and ``embed`` (B, D, h, w) unit-norm pixel embeddings when a projection head
-    exists; the projection head reads the map the decode head reads, so ``embed`` is on the grid
-    of ``seg``. In eval mode only ``seg``: the auxiliary FCN and projection heads are not
-    called, so inference costs what the baseline costs.
+    regions), and ``features`` (B, feature_channels, h, w), the map the decode head classified
+    (what :class:`contrastseg.PixelContrast` reads; on the grid of ``seg``). In eval mode only
+    ``seg``: the auxiliary FCN head is not called, so inference costs what the baseline costs.
 
     The decode head maps the backbone's list of feature maps to ``{"seg", "features", "aux"?}``
     (see :mod:`contrastseg.models.heads`).
@@ -34,15 +32,15 @@ class Segmentor(nn.Module):
         backbone: TimmBackbone,
         head: nn.Module,
         aux: nn.Module | None = None,
-        projection: nn.Module | None = None,
         output_stride: int | None = None,
+        feature_channels: int | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.aux = aux
-        self.projection = projection
         self.output_stride = output_stride
+        self.feature_channels = feature_channels
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.backbone(x)
@@ -53,8 +51,7 @@ class Segmentor(nn.Module):
                 out["aux"] = decoded["aux"]
             elif self.aux is not None:
                 out["aux"] = self.aux(feats[self.backbone.aux_index])
-            if self.projection is not None:
-                out["embed"] = self.projection(decoded["features"])
+            out["features"] = decoded["features"]
         return out
 
     @torch.no_grad()
@@ -80,25 +77,26 @@ class InferenceModel(nn.Module):
 def build_model(
     cfg: ModelConfig,
     num_classes: int,
-    with_projection: bool = False,
     backbone_weights: bool = True,
 ) -> Segmentor:
-    """Build the segmenter a config describes; the projection head only when asked.
+    """Build the segmenter a config describes.
 
     With ``backbone_weights=False`` neither timm's ImageNet weights (``pretrained``) nor the
     file ``model.backbone.weights`` are loaded: for callers that load a whole checkpoint over
     the model (inference, export), so that no network or weight file is needed.
 
     deeplabv3: ASPP on the last stage of a dilated backbone, FCN auxiliary head on the stage
-    before (``cfg.aux``), projection on the last stage. hrnetv2: the HRNet branches concatenated
-    at stride 4, no auxiliary head, projection on the concatenation. ocr: on HRNet the
-    concatenation feeds the soft-object-region head, the pixel representation and the
-    projection; on a dilated backbone the region head reads the stage before the last, the
-    pixel representation and the projection the last stage.
+    before (``cfg.aux``), features (what pixel contrast reads) from the last stage. hrnetv2: the
+    HRNet branches concatenated at stride 4, no auxiliary head, features = the concatenation.
+    ocr: on HRNet the concatenation feeds the soft-object-region head and the pixel
+    representation and is the features; on a dilated backbone the region head reads the stage
+    before the last, the pixel representation and the features are the last stage.
     """
     bcfg = cfg.backbone
     pretrained = bcfg.pretrained and backbone_weights
-    backbone = TimmBackbone(bcfg.name, bcfg.output_stride, pretrained=pretrained)
+    backbone = TimmBackbone(
+        bcfg.name, bcfg.output_stride, pretrained=pretrained, variant=bcfg.variant
+    )
     if bcfg.weights is not None and backbone_weights:
         load_backbone_weights(backbone, bcfg.weights, strict=bcfg.strict)
     top = backbone.channels[backbone.out_index]
@@ -107,19 +105,22 @@ def build_model(
         features_channels, stride = sum(backbone.channels), backbone.strides[0]
     else:
         features_channels, stride = top, backbone.strides[backbone.out_index]
+    variant = cfg.head_variant
     if cfg.head == "deeplabv3":
         if backbone.is_hrnet:
             raise ConfigError("model.head = 'deeplabv3' needs a dilated backbone, not HRNet")
+        channels = cfg.head_channels or (512 if variant == "released" else 256)
         head: nn.Module = DeepLabV3Head(
-            top, num_classes, cfg.head_channels, cfg.aspp_rates, cfg.dropout, backbone.out_index
+            top, num_classes, channels, cfg.aspp_rates, cfg.dropout, backbone.out_index, variant
         )
         if cfg.aux:
             aux_in = backbone.channels[backbone.aux_index]
-            aux = FCNHead(aux_in, num_classes, cfg.aux_channels, cfg.dropout)
+            aux = FCNHead(aux_in, num_classes, cfg.aux_channels, cfg.dropout, variant)
     elif cfg.head == "hrnetv2":
         if not backbone.is_hrnet:
             raise ConfigError("model.head = 'hrnetv2' needs an HRNet backbone")
-        head = HRNetV2Head(features_channels, num_classes)
+        dropout = cfg.dropout if variant == "released" else 0.0
+        head = HRNetV2Head(features_channels, num_classes, dropout, variant)
     elif cfg.head == "ocr":
         hr = backbone.is_hrnet
         aux_in = features_channels if hr else backbone.channels[backbone.aux_index]
@@ -131,18 +132,17 @@ def build_model(
             mid_channels=cfg.ocr_mid_channels,
             key_channels=cfg.ocr_key_channels,
             aux_channels=aux_channels,
-            aux_kernel=1 if hr else 3,
+            aux_kernel=1 if hr and variant == "compact" else 3,
             dropout=cfg.ocr_dropout,
             concat=backbone.is_hrnet,
             in_index=backbone.out_index,
             aux_index=backbone.aux_index,
+            variant=variant,
+            aux_dropout=0.0 if hr else cfg.ocr_dropout,
         )
     else:  # pragma: no cover - the config's Literal rules it out
         raise ConfigError(f"model.head = {cfg.head!r}: unknown head")
-    projection = None
-    if with_projection:
-        projection = ProjectionHead(features_channels, cfg.projection_dim, cfg.projection_hidden)
-    return Segmentor(backbone, head, aux, projection, output_stride=stride)
+    return Segmentor(backbone, head, aux, output_stride=stride, feature_channels=features_channels)
 
 
 def count_parameters(module: nn.Module) -> int:

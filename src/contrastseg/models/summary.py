@@ -15,6 +15,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from contrastseg.config import ModelConfig
+from contrastseg.contrast import ProjectionHead
 from contrastseg.models.backbones import BACKBONES
 from contrastseg.models.segmentor import InferenceModel, build_model, count_parameters
 
@@ -47,10 +48,27 @@ def architectures() -> list[tuple[str, str]]:
     return pairs
 
 
+class _TrainingGraph(torch.nn.Module):
+    """The training forward: the segmentor in training mode and the projection head of pixel
+    contrast on its features."""
+
+    def __init__(self, model: torch.nn.Module, projection: torch.nn.Module) -> None:
+        super().__init__()
+        self.model, self.projection = model, projection
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.model(x)
+        return {**out, "embed": self.projection(out["features"])}
+
+
 def _meta_model(cfg: ModelConfig, num_classes: int):
     # sizes do not depend on weights: never read or download any
     with torch.device("meta"):
-        return build_model(cfg, num_classes, with_projection=True, backbone_weights=False)
+        model = build_model(cfg, num_classes, backbone_weights=False)
+        projection = ProjectionHead(
+            model.feature_channels, cfg.projection_dim, cfg.projection_hidden
+        )
+        return model, _TrainingGraph(model, projection)
 
 
 def _flops(module: torch.nn.Module, size: tuple[int, int], batch: int) -> int:
@@ -72,7 +90,7 @@ def summarize(
     """Parameters and forward FLOPs of the inference model (backbone + decode head; for OCR the
     soft-object-region head is part of it) and of the training model (+ auxiliary FCN head,
     + projection head), at an input of ``batch x 3 x size``."""
-    model = _meta_model(cfg, num_classes)
+    model, training = _meta_model(cfg, num_classes)
     inference = InferenceModel(model).eval()
     row: dict[str, Any] = {
         "backbone": cfg.backbone.name,
@@ -81,17 +99,17 @@ def summarize(
         "stride": model.output_stride,
         "size": tuple(size),
         "params_inference": count_parameters(inference),
-        "params_training": count_parameters(model),
+        "params_training": count_parameters(training),
     }
     if flops:
         row["flops_inference"] = _flops(inference, size, batch)
         # The training graph (aux and projection heads run); batch norm stays in eval mode so
         # that a batch of 1 is allowed (ASPP's pooled 1x1 map): FLOPs are the same either way.
-        model.train()
-        for m in model.modules():
+        training.train()
+        for m in training.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.eval()
-        row["flops_training"] = _flops(model, size, batch)
+        row["flops_training"] = _flops(training, size, batch)
     return row
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from contrastseg.config import ExperimentConfig
+from contrastseg.contrast import ProjectionHead
 from contrastseg.data import normalize
 from contrastseg.errors import CheckpointError, ContrastSegError, DataError
 from contrastseg.models import Segmentor
@@ -44,36 +45,50 @@ class PixelSample:
 
 @dataclass(frozen=True)
 class EmbeddingModel:
-    """A checkpoint's model in eval mode; ``projection`` says whether its embeddings are the
-    projection head's output (True) or the decode head's input features (False)."""
+    """A checkpoint's model in eval mode and, for a model trained with pixel contrast, its
+    projection head (``None`` otherwise: the embeddings are then the decode head's input
+    features)."""
 
     model: Segmentor
     cfg: ExperimentConfig
     state: dict
-    projection: bool
+    projection: ProjectionHead | None
 
     def describe(self, dim: int) -> str:
         """Which embedding a panel shows, e.g. ``projection-head embeddings (256-d)``."""
-        if self.projection:
+        if self.projection is not None:
             return f"projection-head embeddings ({dim}-d)"
         return f"decode-head input features ({dim}-d, no projection head)"
 
 
 def load_embedding_model(path: Path, device: str | torch.device = "cpu") -> EmbeddingModel:
-    """Rebuild a checkpoint's model with its projection head when it has one (``projection.*``
-    weights, i.e. it was trained with pixel contrast), in eval mode."""
+    """Rebuild a checkpoint's model and, when it was trained with pixel contrast, the
+    projection head of its contrast module (``contrast.projection.*`` in the loss state), in
+    eval mode."""
     from contrastseg.inference import load_trained_model
 
-    model, cfg, state = load_trained_model(Path(path), device, with_projection=True)
-    return EmbeddingModel(model, cfg, state, model.projection is not None)
+    model, cfg, state = load_trained_model(Path(path), device)
+    prefix = "contrast.projection."
+    weights = {
+        k[len(prefix) :]: v for k, v in state.get("loss", {}).items() if k.startswith(prefix)
+    }
+    projection = None
+    if weights:
+        m = cfg.model
+        projection = ProjectionHead(model.feature_channels, m.projection_dim, m.projection_hidden)
+        projection.load_state_dict(weights)
+        projection = projection.to(next(model.parameters()).device).eval()
+    return EmbeddingModel(model, cfg, state, projection)
 
 
 @torch.no_grad()
-def pixel_embeddings(model: Segmentor, x: torch.Tensor, projection: bool) -> torch.Tensor:
+def pixel_embeddings(
+    model: Segmentor, x: torch.Tensor, projection: ProjectionHead | None
+) -> torch.Tensor:
     """(1, 3, H, W) normalised image -> (D, h, w) unit-length pixel embeddings on the grid of
     the decode head's input: the projection head's output, or that input L2-normalised."""
     features = model.head(model.backbone(x))["features"]
-    out = model.projection(features) if projection else F.normalize(features, p=2, dim=1)
+    out = projection(features) if projection is not None else F.normalize(features, p=2, dim=1)
     return out[0].float()
 
 
@@ -106,7 +121,7 @@ def sample_pixel_embeddings(
     num_classes: int,
     per_class: int = 200,
     seed: int = 0,
-    projection: bool = False,
+    projection: ProjectionHead | None = None,
     ignore_index: int = 255,
 ) -> PixelSample:
     """Up to ``per_class`` grid pixels of each class, uniformly at random without replacement

@@ -1,18 +1,10 @@
-"""Pixel-wise contrastive loss with segment-aware hard anchor sampling (METHOD.md section 3).
+"""The supervised InfoNCE loss of pixel contrast, one autograd function with a hand-written
+backward (docs/method.md, "The loss").
 
-Pieces, usable on their own:
-
-* :func:`sample_anchors` -- segment-aware hard anchor sampling, fully vectorised (no Python loop
-  over images, classes or pairs; three host syncs).
-* :func:`contrast_loss` -- the InfoNCE loss over the sampled anchors, optionally with a memory
-  bank (all entries, or per-anchor subsets given by ``bank_index``), with bounded peak memory.
-* :func:`select_from_bank` -- memory sampling: ``all``, ``random``, ``hardest``, ``semi_hard``.
-* :class:`PixelContrastLoss` -- the module a training loop calls: resizes labels to the
-  embedding grid, takes the hard-anchor predictions from the segmentation logits, samples,
-  reads the memory, computes the loss and then pushes the batch into the memory.
-
-Every computation of similarities and log-sum-exps runs in at least float32 with autocast
-disabled, whatever the input dtype; randomness comes only from ``torch.Generator`` objects.
+:func:`contrast_loss` takes sampled anchors and, optionally, a memory bank: all entries (in a
+flat ``(M, D)`` bank or in a class memory's own ``(C, K, D)`` layout) or per-anchor subsets
+given by ``bank_index``. Every similarity and log-sum-exp runs in at least float32 with autocast
+disabled, whatever the input dtype.
 """
 
 from __future__ import annotations
@@ -20,28 +12,12 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from contrastseg.errors import ConfigError
-from contrastseg.losses.cross_entropy import autocast_off
-from contrastseg.losses.memory import (
-    ClassMemory,
-    LazyGenerator,
-    SeededModule,
-    _check_int,
-    random_group_ranks,
-)
+from contrastseg.precision import autocast_off
 
-__all__ = [
-    "MEMORY_SAMPLING_MODES",
-    "PixelContrastLoss",
-    "contrast_loss",
-    "sample_anchors",
-    "select_from_bank",
-]
-
-MEMORY_SAMPLING_MODES = ("all", "random", "hardest", "semi_hard")
+__all__ = ["contrast_loss", "compute_dtype"]
 
 # (anchor x bank column) elements per chunk of the whole-bank loss: 2 Mi on CPU, 8 Mi on GPUs
 # (float32: 8 / 32 MiB per matrix; a chunk holds about 9 such matrices at its peak).
@@ -50,129 +26,14 @@ LOSS_CHUNK_ELEMENTS_GPU = 1 << 23
 # The whole-bank block keeps its N x M similarities between its two forward passes and backward
 # (two matrix products instead of four) while they take at most this many bytes.
 LOSS_CACHE_BYTES = 1 << 30
-SELECT_CHUNK_ELEMENTS = 1 << 24  # 16 Mi elements: 64 MiB per float32 chunk x M matrix
 GATHER_CHUNK_ELEMENTS = 1 << 24  # gathered (chunk, K, D) bank rows
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the loss computes in: ``dtype`` promoted to at least float32."""
     return torch.promote_types(dtype, torch.float32)
 
 
-# ================================================================================ sampling
-class _GatherPixels(torch.autograd.Function):
-    """``embed (B, D, h, w)`` at flat pixels ``(b, p)`` -> ``(N, D)``; the pixels are distinct,
-    so backward writes the gradient without accumulation."""
-
-    @staticmethod
-    def forward(ctx, embed: Tensor, b_idx: Tensor, p_idx: Tensor) -> Tensor:
-        B, D, h, w = embed.shape
-        ctx.save_for_backward(b_idx, p_idx)
-        ctx.shape, ctx.dtype = embed.shape, embed.dtype
-        return embed.reshape(B, D, h * w)[b_idx, :, p_idx]
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor):
-        b_idx, p_idx = ctx.saved_tensors
-        B, D, h, w = ctx.shape
-        out = grad.new_zeros((B, D, h * w), dtype=ctx.dtype)
-        out[b_idx, :, p_idx] = grad.to(ctx.dtype)
-        return out.view(B, D, h, w), None, None
-
-
-def sample_anchors(
-    embed: Tensor,
-    pred: Tensor,
-    target: Tensor,
-    max_samples: int = 1024,
-    max_views: int = 100,
-    ignore_index: int = 255,
-    generator: torch.Generator | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Segment-aware hard anchor sampling, vectorised over images, classes and pairs.
-
-    Args:
-        embed: ``(B, D, h, w)`` embeddings.
-        pred: ``(B, h, w)`` predicted labels on the embedding grid.
-        target: ``(B, h, w)`` labels on the embedding grid; ``ignore_index`` and negative
-            labels are never sampled.
-        max_samples, max_views: an (image, class) pair is used when the class has more than
-            ``max_views`` labelled pixels in the image; each pair gives
-            ``n_view = min(max_samples // n_pairs, max_views)`` anchors.
-        generator: source of the random choices.
-
-    Within a pair, half the views are *hard* (prediction != label) and half *easy*: if both
-    kinds have at least ``n_view / 2`` pixels, ``n_view // 2`` hard and the rest easy; if the
-    easy pixels are short, all of them and the rest hard; if the hard ones are short, all of
-    them and the rest easy. Pixels are drawn uniformly without replacement within each kind.
-
-    Returns ``feats (N, D)`` (a differentiable gather of ``embed``), ``labels (N,)`` int64 and
-    ``pair_index (N,)`` int64 in ``[0, n_pairs)``. Anchors are grouped by pair (pairs ordered by
-    image, then class), hard views first. ``N = n_pairs * n_view``; ``N = 0`` when no pair
-    qualifies or when ``n_pairs > max_samples`` (``n_view = 0``); the empty ``feats`` is still
-    attached to the graph of ``embed``. Host syncs: three (plus one inside ``torch.bincount``
-    on CUDA), whatever the batch and the number of classes.
-    """
-    if embed.dim() != 4:
-        raise ConfigError(f"embed must have shape (B, D, h, w); got {tuple(embed.shape)}")
-    B, D, h, w = embed.shape
-    for name, t in (("pred", pred), ("target", target)):
-        if tuple(t.shape) != (B, h, w):
-            raise ConfigError(
-                f"{name} must have shape (B, h, w) = {(B, h, w)} (the embedding grid); "
-                f"got {tuple(t.shape)}"
-            )
-    _check_int("max_samples", max_samples, 1)
-    _check_int("max_views", max_views, 1)
-    device = embed.device
-    P = h * w
-    t = target.reshape(-1).to(device=device, dtype=torch.long)
-    p = pred.reshape(-1).to(device=device, dtype=torch.long)
-    valid = (t >= 0) & (t != ignore_index)
-    empty = (
-        embed[:0, :, :1, :1].reshape(0, D),  # empty, but attached to the graph of embed
-        torch.zeros(0, dtype=torch.long, device=device),
-        torch.zeros(0, dtype=torch.long, device=device),
-    )
-    num_labels = int(torch.where(valid, t, -1).max()) + 1 if t.numel() else 0  # sync 1
-    if num_labels <= 0:
-        return empty
-
-    # Group (image, class, kind) with kind 0 = hard, 1 = easy; invalid pixels go to group G.
-    image = torch.arange(B, device=device)[:, None] * num_labels
-    pair = (image + torch.where(valid, t, 0).view(B, P)).view(-1)
-    G = B * num_labels * 2
-    group = torch.where(valid, pair * 2 + (p == t).long(), G)
-    order, group_sorted, rank_sorted, counts = random_group_ranks(group, G, generator)
-    counts = counts[:G].view(-1, 2)
-    hard, easy = counts[:, 0], counts[:, 1]
-    eligible = (hard + easy) > max_views
-    n_pairs = int(eligible.sum())  # sync 2
-    n_view = min(max_samples // n_pairs, max_views) if n_pairs else 0
-    if n_view == 0:
-        return empty
-
-    half = n_view / 2
-    both = (hard >= half) & (easy >= half)
-    hard_keep = torch.where(
-        both,
-        torch.full_like(hard, n_view // 2),
-        torch.where(hard >= half, n_view - easy, hard),
-    )
-    quota = torch.stack([hard_keep, n_view - hard_keep], 1) * eligible[:, None]
-    quota = torch.cat([quota.reshape(-1), quota.new_zeros(1)])  # the "no group" slot
-    keep = rank_sorted < quota[group_sorted]
-    chosen = order[keep]  # sync 3; sorted by (image, class, kind)
-    b_idx = torch.div(chosen, P, rounding_mode="floor")
-    p_idx = chosen - b_idx * P
-    feats = _GatherPixels.apply(embed, b_idx, p_idx)
-    labels = t[chosen]
-    pair_rank = torch.cumsum(eligible.long(), 0) - 1
-    pair_index = pair_rank[pair[chosen]]
-    return feats, labels, pair_index
-
-
-# ==================================================================================== loss
 # Shifted logits a = s - m (m: the row's largest negative logit) are clamped above at this value
 # before exp. Negatives have a <= 0; only a positive far more similar than every negative can
 # exceed it, and then its term is below |N| exp(-80) and so is its gradient.
@@ -490,7 +351,7 @@ def contrast_loss(
     chunk_elements: int | None = None,
     cache_bytes: int = LOSS_CACHE_BYTES,
 ) -> Tensor:
-    """Supervised InfoNCE over anchors and (optionally) a memory bank, METHOD.md section 3.
+    """Supervised InfoNCE over anchors and (optionally) a memory bank, docs/method.md, "The loss".
 
     For anchor ``i`` with similarity ``s_ij = z_i . z_j / tau``, positives ``P(i)`` (same label,
     in-batch without ``i`` itself, plus same-label bank entries) and negatives ``N(i)`` (other
@@ -535,7 +396,7 @@ def contrast_loss(
     if feats.dim() != 2:
         raise ConfigError(f"feats must have shape (N, D); got {tuple(feats.shape)}")
     with autocast_off(feats.device.type):
-        dtype = _compute_dtype(feats.dtype)
+        dtype = compute_dtype(feats.dtype)
         z = feats.to(dtype)
         n = z.shape[0]
         if n == 0:
@@ -585,262 +446,3 @@ def contrast_loss(
                 rows = max(1, GATHER_CHUNK_ELEMENTS // max(1, index.shape[1] * bank.shape[1]))
                 blocks.append(_GatheredBankBlock(labels, bank, bank_labels, index, inv_tau, rows))
         return _ContrastFunction.apply(z, blocks, temperature / base_temperature)
-
-
-# ========================================================================= memory sampling
-def _pad_columns(idx: Tensor, k: int) -> Tensor:
-    if idx.shape[1] < k:
-        idx = torch.cat([idx, idx.new_full((idx.shape[0], k - idx.shape[1]), -1)], 1)
-    return idx
-
-
-def _topk_masked(score: Tensor, mask: Tensor, k: int) -> Tensor:
-    kk = min(k, score.shape[1])
-    if kk == 0:
-        return score.new_full((score.shape[0], k), -1, dtype=torch.long)
-    _, idx = torch.where(mask, score, -math.inf).topk(kk, dim=1)
-    idx = torch.where(mask.gather(1, idx), idx, -1)
-    return _pad_columns(idx, k)
-
-
-def _semi_hard(score: Tensor, mask: Tensor, k: int, fraction: float, keys: Tensor) -> Tensor:
-    """``k`` random picks among the top ``ceil(fraction * n)`` candidates by ``score``."""
-    rows = score.shape[0]
-    if k == 0 or score.shape[1] == 0:
-        return score.new_full((rows, k), -1, dtype=torch.long)
-    n = mask.sum(1)
-    # ceil with a tolerance so that e.g. 0.1 * 30 gives 3, not 4.
-    q = torch.ceil(n.to(torch.float64) * fraction - 1e-9).long().clamp(min=1) * (n > 0)
-    qmax = int(q.max())
-    if qmax == 0:
-        return score.new_full((rows, k), -1, dtype=torch.long)
-    _, top = torch.where(mask, score, -math.inf).topk(qmax, dim=1)
-    eligible = (torch.arange(qmax, device=score.device)[None, :] < q[:, None]) & mask.gather(1, top)
-    pick = _topk_masked(keys.gather(1, top), eligible, min(k, qmax))
-    idx = torch.where(pick >= 0, top.gather(1, pick.clamp(min=0)), -1)
-    return _pad_columns(idx, k)
-
-
-def select_from_bank(
-    feats: Tensor,
-    labels: Tensor,
-    bank_feats: Tensor,
-    bank_labels: Tensor,
-    mode: str,
-    k_pos: int,
-    k_neg: int,
-    semi_hard_fraction: float = 0.1,
-    chunk_size: int | None = None,
-    generator: torch.Generator | None = None,
-) -> Tensor | None:
-    """Per-anchor subsets of the memory bank: ``bank_index (N, k_pos + k_neg)`` or ``None``.
-
-    Columns ``[0, k_pos)`` hold positives (same label), ``[k_pos, k_pos + k_neg)`` negatives;
-    ``-1`` pads when fewer candidates exist. Modes:
-
-    * ``all``: returns ``None`` (every entry counts for every anchor);
-    * ``random``: ``k_pos`` / ``k_neg`` entries uniformly without replacement;
-    * ``hardest``: the ``k_neg`` most similar negatives and the ``k_pos`` least similar
-      positives;
-    * ``semi_hard``: ``k`` at random from the nearest ``ceil(semi_hard_fraction * n_neg)``
-      negatives and from the farthest ``ceil(semi_hard_fraction * n_pos)`` positives.
-
-    Similarities are computed under ``no_grad`` in float32 (or float64), in chunks of
-    ``chunk_size`` anchors against the whole bank (default ``SELECT_CHUNK_ELEMENTS // M``
-    anchors). Peak memory: the bank cast to the compute dtype when stored in another dtype
-    (``M x D``) plus, per chunk, about ``chunk_size x M x 13`` bytes (similarities, random keys,
-    a mask and top-k workspace) -- 64 MiB of similarities for a 19 x 30,000 bank at the default.
-    The random keys are drawn per chunk in anchor order, so on CPU the result does not depend
-    on ``chunk_size``.
-    """
-    if mode not in MEMORY_SAMPLING_MODES:
-        raise ConfigError(
-            f"memory_sampling={mode!r} is not supported; allowed values: "
-            + ", ".join(repr(m) for m in MEMORY_SAMPLING_MODES)
-        )
-    if mode == "all":
-        return None
-    _check_int("k_pos", k_pos, 0)
-    _check_int("k_neg", k_neg, 0)
-    if not 0 < semi_hard_fraction <= 1:
-        raise ConfigError(
-            f"semi_hard_fraction={semi_hard_fraction!r} is invalid; allowed values: (0, 1]"
-        )
-    N, M = feats.shape[0], bank_feats.shape[0]
-    device = feats.device
-    out = torch.full((N, k_pos + k_neg), -1, dtype=torch.long, device=device)
-    if N == 0 or M == 0 or k_pos + k_neg == 0:
-        return out
-    rows = chunk_size if chunk_size is not None else max(1, SELECT_CHUNK_ELEMENTS // M)
-    _check_int("chunk_size", rows, 1)
-    with torch.no_grad(), autocast_off(device.type):
-        z = feats.detach().to(_compute_dtype(feats.dtype))
-        bank = bank_feats.detach().to(device, z.dtype)
-        blabels = bank_labels.reshape(-1).to(device, torch.long)
-        labels = labels.reshape(-1).to(device, torch.long)
-        for s in range(0, N, rows):
-            zc, lc = z[s : s + rows], labels[s : s + rows]
-            pos = lc[:, None] == blabels[None, :]
-            if mode == "random":
-                keys = torch.rand(zc.shape[0], M, generator=generator, device=device)
-                pos_idx = _topk_masked(keys, pos, k_pos)
-                neg_idx = _topk_masked(keys, ~pos, k_neg)
-            else:
-                sim = zc @ bank.T
-                if mode == "hardest":
-                    pos_idx = _topk_masked(-sim, pos, k_pos)
-                    neg_idx = _topk_masked(sim, ~pos, k_neg)
-                else:
-                    keys = torch.rand(zc.shape[0], M, generator=generator, device=device)
-                    pos_idx = _semi_hard(-sim, pos, k_pos, semi_hard_fraction, keys)
-                    neg_idx = _semi_hard(sim, ~pos, k_neg, semi_hard_fraction, keys)
-            out[s : s + rows, :k_pos] = pos_idx
-            out[s : s + rows, k_pos:] = neg_idx
-    return out
-
-
-# ================================================================================== module
-class PixelContrastLoss(SeededModule):
-    """Pixel contrast with segment-aware hard anchors and an optional cross-image memory.
-
-    ``forward(embed (B, D, h, w), seg_logits (B, C, h', w'), target (B, H, W), image_ids=None)``:
-    labels are resized to the embedding grid by nearest neighbour (labels outside
-    ``[0, num_classes)`` become ``ignore_index``), predictions are the argmax of ``seg_logits``
-    (bilinearly resized to the grid when sizes differ), anchors are sampled, the memory is read
-    (before this batch is added), the loss is computed and the batch is pushed into the memory
-    (detached). The memory is a submodule, so it is part of ``state_dict()``. So is the state of
-    the module's random generator (``get_extra_state``: a ``uint8`` tensor); it is also
-    available through :meth:`generator_state` / :meth:`load_generator_state`.
-    """
-
-    def __init__(
-        self,
-        num_classes: int,
-        temperature: float = 0.1,
-        base_temperature: float = 0.07,
-        max_samples: int = 1024,
-        max_views: int = 100,
-        ignore_index: int = 255,
-        memory: ClassMemory | None = None,
-        memory_sampling: str = "all",
-        k_pos: int = 1024,
-        k_neg: int = 2048,
-        semi_hard_fraction: float = 0.1,
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        _check_int("num_classes", num_classes, 1)
-        _check_int("max_samples", max_samples, 1)
-        _check_int("max_views", max_views, 1)
-        _check_int("k_pos", k_pos, 0)
-        _check_int("k_neg", k_neg, 0)
-        for name, value in (("temperature", temperature), ("base_temperature", base_temperature)):
-            if not (isinstance(value, (int, float)) and value > 0):
-                raise ConfigError(f"{name}={value!r} is invalid; allowed values: numbers > 0")
-        if memory_sampling not in MEMORY_SAMPLING_MODES:
-            raise ConfigError(
-                f"memory_sampling={memory_sampling!r} is not supported; allowed values: "
-                + ", ".join(repr(m) for m in MEMORY_SAMPLING_MODES)
-            )
-        if not 0 < semi_hard_fraction <= 1:
-            raise ConfigError(
-                f"semi_hard_fraction={semi_hard_fraction!r} is invalid; allowed values: (0, 1]"
-            )
-        if 0 <= ignore_index < num_classes:
-            raise ConfigError(
-                f"ignore_index={ignore_index} is a class id (num_classes={num_classes}); "
-                "allowed values: outside [0, num_classes)"
-            )
-        if memory is not None and memory.num_classes != num_classes:
-            raise ConfigError(
-                f"memory has num_classes={memory.num_classes} but the loss has "
-                f"num_classes={num_classes}; they must match"
-            )
-        self.num_classes = num_classes
-        self.temperature = float(temperature)
-        self.base_temperature = float(base_temperature)
-        self.max_samples = max_samples
-        self.max_views = max_views
-        self.ignore_index = ignore_index
-        self.memory = memory
-        self.memory_sampling = memory_sampling
-        self.k_pos = k_pos
-        self.k_neg = k_neg
-        self.semi_hard_fraction = float(semi_hard_fraction)
-        self._rng = LazyGenerator(seed)
-
-    def extra_repr(self) -> str:
-        return (
-            f"num_classes={self.num_classes}, temperature={self.temperature}, "
-            f"base_temperature={self.base_temperature}, max_samples={self.max_samples}, "
-            f"max_views={self.max_views}, memory_sampling={self.memory_sampling!r}"
-        )
-
-    def grid_labels(self, target: Tensor, size: tuple[int, int]) -> Tensor:
-        """Labels resized to ``size`` by nearest neighbour; non-class labels -> ignore."""
-        if target.dim() != 3:
-            raise ConfigError(f"target must have shape (B, H, W); got {tuple(target.shape)}")
-        t = target
-        if tuple(t.shape[-2:]) != tuple(size):
-            t = F.interpolate(t[:, None].float(), size=size, mode="nearest")[:, 0]
-        t = t.long()
-        return torch.where((t >= 0) & (t < self.num_classes), t, self.ignore_index)
-
-    def forward(
-        self,
-        embed: Tensor,
-        seg_logits: Tensor,
-        target: Tensor,
-        image_ids: Tensor | None = None,
-    ) -> Tensor:
-        if embed.dim() != 4:
-            raise ConfigError(f"embed must have shape (B, D, h, w); got {tuple(embed.shape)}")
-        B, _, h, w = embed.shape
-        if seg_logits.dim() != 4 or seg_logits.shape[0] != B:
-            raise ConfigError(
-                f"seg_logits must have shape ({B}, C, h', w'); got {tuple(seg_logits.shape)}"
-            )
-        with torch.no_grad():
-            labels = self.grid_labels(target.to(embed.device), (h, w))
-            logits = seg_logits.detach()
-            if tuple(logits.shape[-2:]) != (h, w):
-                logits = F.interpolate(
-                    logits.float(), size=(h, w), mode="bilinear", align_corners=False
-                )
-            pred = logits.argmax(1)
-        gen = self._rng.get(embed.device)
-        feats, anchor_labels, _ = sample_anchors(
-            embed, pred, labels, self.max_samples, self.max_views, self.ignore_index, gen
-        )
-        bank_feats = bank_labels = bank_index = bank_slots = None
-        if self.memory is not None and self.memory_sampling == "all":
-            bank_slots = self.memory.slots(dtype=None)  # every entry, in the memory's layout
-        elif self.memory is not None:
-            bank_feats, bank_labels = self.memory.bank(dtype=None)
-            if bank_feats.shape[0] == 0:
-                bank_feats = bank_labels = None
-            elif feats.shape[0] > 0:
-                bank_index = select_from_bank(
-                    feats,
-                    anchor_labels,
-                    bank_feats,
-                    bank_labels,
-                    self.memory_sampling,
-                    self.k_pos,
-                    self.k_neg,
-                    self.semi_hard_fraction,
-                    generator=gen,
-                )
-        loss = contrast_loss(
-            feats,
-            anchor_labels,
-            self.temperature,
-            self.base_temperature,
-            bank_feats,
-            bank_labels,
-            bank_index,
-            bank_slots=bank_slots,
-        )
-        if self.memory is not None:
-            self.memory.push(embed.detach(), labels, image_ids, generator=gen)
-        return loss

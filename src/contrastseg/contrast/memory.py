@@ -1,6 +1,6 @@
 """Per-class memory of detached embeddings for cross-image pixel contrast.
 
-`ClassMemory` keeps, for every class, two stores (METHOD.md section 3):
+`ClassMemory` keeps, for every class, two stores (docs/method.md, "The memory"):
 
 * a **pixel queue**: a ring buffer of ``pixel_size`` embeddings per class. Every call to
   :meth:`ClassMemory.push` enqueues, for each image and each class the image contains, up to
@@ -21,128 +21,25 @@ enqueues the same gathered data in rank-major order, so all ranks hold identical
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
+from contrastseg.checks import check_int
+from contrastseg.contrast.sampling import random_group_ranks
 from contrastseg.errors import ConfigError
+from contrastseg.randomness import LazyGenerator, SeededModule
 
-__all__ = ["REGION_MODES", "ClassMemory", "LazyGenerator", "random_group_ranks"]
+__all__ = ["REGION_MODES", "ClassMemory"]
 
 REGION_MODES = ("fifo", "per_image", "none")
 _STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-class LazyGenerator:
-    """A ``torch.Generator`` seeded once and created on first use on the inputs' device.
-
-    The state can be exported with :meth:`state` (a CPU ``uint8`` tensor, empty when the
-    generator was never used) and restored with :meth:`load_state`; a state loaded before the
-    first use is applied when the generator is created. A state that does not fit the device
-    the generator is created on (CPU state on CUDA or the reverse) is dropped with a warning and
-    the generator starts from the seed. If the inputs move to another device, a new generator is
-    created there from the seed.
-    """
-
-    def __init__(self, seed: int) -> None:
-        self.seed = int(seed)
-        self._generator: torch.Generator | None = None
-        self._pending: Tensor | None = None
-
-    def get(self, device: torch.device | str) -> torch.Generator:
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        gen = self._generator
-        if gen is None or gen.device != device:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(self.seed)
-            if self._pending is not None:
-                _set_state_or_warn(gen, self._pending, self.seed)
-                self._pending = None
-            self._generator = gen
-        return gen
-
-    def state(self) -> Tensor:
-        if self._generator is not None:
-            return self._generator.get_state().clone()
-        if self._pending is not None:
-            return self._pending.clone()
-        return torch.empty(0, dtype=torch.uint8)
-
-    def load_state(self, state: Tensor | None) -> None:
-        if state is None or state.numel() == 0:
-            self._generator = None
-            self._pending = None
-            return
-        state = state.detach().to("cpu", torch.uint8).clone()
-        if self._generator is None:
-            self._pending = state
-        else:
-            _set_state_or_warn(self._generator, state, self.seed)
-
-
-def _set_state_or_warn(gen: torch.Generator, state: Tensor, seed: int) -> None:
-    try:
-        gen.set_state(state)
-    except (RuntimeError, ValueError):
-        warnings.warn(
-            f"random generator state of {state.numel()} bytes does not fit a generator on "
-            f"{gen.device}; restarting it from seed {seed}",
-            stacklevel=3,
-        )
-        gen.manual_seed(seed)
-
-
-def random_group_ranks(
-    group: Tensor, num_groups: int, generator: torch.Generator | None
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Uniformly random ranks of elements within their group, without a loop over groups.
-
-    ``group`` is a 1-D int64 tensor with values in ``[0, num_groups]``; the value ``num_groups``
-    marks elements that belong to no group. Returns ``(order, group_sorted, rank_sorted,
-    counts)``: ``order`` sorts the elements by (group, random key), ``group_sorted`` is
-    ``group[order]``, ``rank_sorted[j]`` is the rank of element ``order[j]`` inside its group (a
-    uniformly random permutation of ``0..n_g-1`` per group) and ``counts`` holds the group
-    sizes (``num_groups + 1`` entries, the last for "no group").
-    """
-    length = group.numel()
-    device = group.device
-    perm = torch.randperm(length, generator=generator, device=device)
-    key = group * length + perm
-    _, order = torch.sort(key)
-    counts = torch.bincount(group, minlength=num_groups + 1)
-    starts = torch.cumsum(counts, 0) - counts
-    group_sorted = group[order]
-    rank_sorted = torch.arange(length, device=device) - starts[group_sorted]
-    return order, group_sorted, rank_sorted, counts
 
 
 def _distributed_world(group) -> int:
     if not (dist.is_available() and dist.is_initialized()):
         return 1
     return dist.get_world_size(group)
-
-
-class SeededModule(nn.Module):
-    """A module that draws from its own :class:`LazyGenerator` ``self._rng``, whose state is
-    saved in ``state_dict`` (as extra state), so checkpoints resume the same random draws."""
-
-    _rng: LazyGenerator
-
-    def generator_state(self) -> Tensor:
-        return self._rng.state()
-
-    def load_generator_state(self, state: Tensor | None) -> None:
-        self._rng.load_state(state)
-
-    def get_extra_state(self) -> Tensor:
-        return self._rng.state()
-
-    def set_extra_state(self, state) -> None:
-        self._rng.load_state(state)
 
 
 class ClassMemory(SeededModule):
@@ -182,10 +79,10 @@ class ClassMemory(SeededModule):
         process_group=None,
     ) -> None:
         super().__init__()
-        _check_int("num_classes", num_classes, 1)
-        _check_int("dim", dim, 1)
-        _check_int("pixel_size", pixel_size, 0)
-        _check_int("pixels_per_image", pixels_per_image, 1)
+        check_int("num_classes", num_classes, 1)
+        check_int("dim", dim, 1)
+        check_int("pixel_size", pixel_size, 0)
+        check_int("pixels_per_image", pixels_per_image, 1)
         if region_mode not in REGION_MODES:
             raise ConfigError(
                 f"region_mode={region_mode!r} is not supported; allowed values: "
@@ -197,14 +94,14 @@ class ClassMemory(SeededModule):
                 "torch.float16, torch.bfloat16, torch.float32, torch.float64"
             )
         if region_mode == "fifo":
-            _check_int("region_size", region_size, 1)
+            check_int("region_size", region_size, 1)
         if region_mode == "per_image":
             if num_images is None:
                 raise ConfigError(
                     "region_mode='per_image' needs num_images (the number of training images); "
                     "set num_images or use region_mode='fifo'"
                 )
-            _check_int("num_images", num_images, 1)
+            check_int("num_images", num_images, 1)
         self.num_classes = int(num_classes)
         self.dim = int(dim)
         self.pixel_size = int(pixel_size)
@@ -299,6 +196,12 @@ class ClassMemory(SeededModule):
         if dtype is not None:
             out = out.to(dtype)
         return out, torch.cat(filled, 1)
+
+    @property
+    def capacity(self) -> int:
+        """Number of entries the memory holds when full (pixel and region slots)."""
+        region = {"fifo": self.region_size, "per_image": self.num_images or 0, "none": 0}
+        return self.num_classes * (self.pixel_size + region[self.region_mode])
 
     def __len__(self) -> int:
         """Number of filled entries (a host sync)."""
@@ -493,9 +396,3 @@ class ClassMemory(SeededModule):
         slot = ids[j_idx]
         self.region_queue[c_idx, slot] = reg[j_idx, c_idx].to(self.region_queue.dtype)
         self.region_filled[c_idx, slot] = True
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    """A ConfigError unless ``value`` is an int (not a bool) >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name}={value!r} is invalid; allowed values: integers >= {minimum}")
