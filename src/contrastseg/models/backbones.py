@@ -80,11 +80,17 @@ class TimmBackbone(nn.Module):
     ``strides[i]``. For dilated backbones the stride of the last map is ``output_stride``; for
     HRNet the list is the four branches (strides 4, 8, 16, 32) and ``output_stride`` is unused.
     ``aux_index`` is the map the auxiliary FCN head reads (the stage before the last) and
-    ``out_index`` the last one.
+    ``out_index`` the last one. ``variant="released"`` applies :func:`use_released_ops`.
     """
 
-    def __init__(self, name: str, output_stride: int = 8, pretrained: bool = False) -> None:
+    def __init__(
+        self, name: str, output_stride: int = 8, pretrained: bool = False, variant: str = "timm"
+    ) -> None:
         super().__init__()
+        if variant not in ("timm", "released"):
+            raise ConfigError(
+                f"model.backbone.variant = {variant!r}: allowed values are ['released', 'timm']"
+            )
         if name not in BACKBONES:
             raise ConfigError(
                 f"model.backbone.name = {name!r}: allowed values are {sorted(BACKBONES)}"
@@ -120,9 +126,25 @@ class TimmBackbone(nn.Module):
             self.strides = [min(r, output_stride) for r in reductions]
         self.out_index = len(self.channels) - 1
         self.aux_index = len(self.channels) - 2
+        self.variant = variant
+        if variant == "released":
+            use_released_ops(self.body)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return list(self.body(x))
+
+
+def use_released_ops(body: nn.Module) -> None:
+    """Switch two parameter-free operations of a timm body to those of the authors' released
+    (openseg) code, in place: HRNet's fuse layers upsample bilinearly with
+    ``align_corners=True`` (timm: nearest), a ResNet stem max-pool rounds up
+    (``ceil_mode=True``). Weights are unchanged; other backbones are left as they are."""
+    for module in body.modules():
+        if isinstance(module, nn.Upsample):
+            module.mode, module.align_corners = "bilinear", True
+    pool = getattr(body, "maxpool", None)
+    if isinstance(pool, nn.MaxPool2d):
+        pool.ceil_mode = True
 
 
 def load_backbone_weights(backbone: TimmBackbone, path: Path, strict: bool = True) -> None:

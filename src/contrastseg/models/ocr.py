@@ -11,6 +11,12 @@ The decode head works in four steps on pixel features ``X`` (B, C, h, w):
    transforms are 1x1 conv-BN-ReLU; ``d`` = key channels, 256);
 4. augmented representation ``z_i = g([x_i, y_i])`` (1x1 conv-BN-ReLU to 512, dropout), then the
    classifier.
+
+The ``released`` layout is the one of the authors' code (openseg's ``SpatialOCR_Module`` in
+``HRNet_W48_OCR`` and ``SpatialOCRNet``): every convolution before a batch norm has a bias, the
+soft-object-region head is a 3x3 conv-BN-ReLU (+ dropout 0.05 on a dilated backbone) and the
+HRNet branches are upsampled with ``align_corners=True``. The ``compact`` layout has no such
+biases, a 1x1 region head on HRNet and no region-head dropout.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from contrastseg.models.heads import concat_branches, conv_bn_relu
+from contrastseg.models.heads import HeadVariant, check_head_variant, concat_branches, conv_bn_relu
 
 
 def object_region_representations(feats: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
@@ -35,20 +41,23 @@ def object_region_representations(feats: torch.Tensor, regions: torch.Tensor) ->
 class PixelRegionRelation(nn.Module):
     """Object contextual representation: attention of every pixel over the K object regions.
 
-    ``forward(feats: (B, C, h, w), regions: (B, C, K)) -> (B, C, h, w)``.
+    ``forward(feats: (B, C, h, w), regions: (B, C, K)) -> (B, C, h, w)``. ``bias``: the 1x1
+    convolutions have biases (the released code's ``_ObjectAttentionBlock``).
     """
 
-    def __init__(self, channels: int, key_channels: int = 256) -> None:
+    def __init__(self, channels: int, key_channels: int = 256, bias: bool = False) -> None:
         super().__init__()
         self.key_channels = key_channels
         self.query = nn.Sequential(
-            conv_bn_relu(channels, key_channels), conv_bn_relu(key_channels, key_channels)
+            conv_bn_relu(channels, key_channels, bias=bias),
+            conv_bn_relu(key_channels, key_channels, bias=bias),
         )
         self.key = nn.Sequential(
-            conv_bn_relu(channels, key_channels), conv_bn_relu(key_channels, key_channels)
+            conv_bn_relu(channels, key_channels, bias=bias),
+            conv_bn_relu(key_channels, key_channels, bias=bias),
         )
-        self.value = conv_bn_relu(channels, key_channels)
-        self.out = conv_bn_relu(key_channels, channels)
+        self.value = conv_bn_relu(channels, key_channels, bias=bias)
+        self.out = conv_bn_relu(key_channels, channels, bias=bias)
 
     def forward(self, feats: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
         b, _, h, w = feats.shape
@@ -68,7 +77,10 @@ class OCRHead(nn.Module):
     soft-object-region head and the pixel representation read the concatenation; on a dilated
     backbone the region head reads ``feats[aux_index]`` (the stage before the last) and the pixel
     representation ``feats[in_index]`` (the last stage). The region head is conv-BN-ReLU
-    (``aux_kernel``: 1x1 on HRNet, 3x3 on a dilated backbone, as in the OCR code) -> 1x1 classifier.
+    (``aux_kernel`` x ``aux_kernel``) -> 1x1 classifier; in the released layout a dropout
+    (``aux_dropout``, 0.05 on a dilated backbone in the released code, none on HRNet) sits before
+    that classifier (``aux_head``: conv-BN-ReLU, dropout, classifier; compact: conv-BN-ReLU,
+    classifier).
 
     ``forward(feats) -> {"seg": (B, K, h, w), "aux": soft object regions (B, K, h, w),
     "features": the map the pixel representation reads}``. The region head is part of the
@@ -88,24 +100,33 @@ class OCRHead(nn.Module):
         concat: bool = False,
         in_index: int = -1,
         aux_index: int = -2,
+        variant: HeadVariant = "released",
+        aux_dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        check_head_variant(variant)
+        self.variant = variant
         self.concat = concat
         self.in_index = in_index
         self.aux_index = aux_index
-        self.aux_head = nn.Sequential(
-            conv_bn_relu(aux_in_channels, aux_channels, aux_kernel),
-            nn.Conv2d(aux_channels, num_classes, 1),
-        )
-        self.pixel = conv_bn_relu(in_channels, mid_channels, 3)
-        self.relation = PixelRegionRelation(mid_channels, key_channels)
-        self.augment = conv_bn_relu(2 * mid_channels, mid_channels)
+        bias = variant == "released"
+        self.align_corners = bias
+        region = conv_bn_relu(aux_in_channels, aux_channels, aux_kernel, bias=bias)
+        classify = nn.Conv2d(aux_channels, num_classes, 1)
+        if bias:
+            drop = nn.Dropout2d(aux_dropout) if aux_dropout > 0 else nn.Identity()
+            self.aux_head = nn.Sequential(region, drop, classify)
+        else:
+            self.aux_head = nn.Sequential(region, classify)
+        self.pixel = conv_bn_relu(in_channels, mid_channels, 3, bias=bias)
+        self.relation = PixelRegionRelation(mid_channels, key_channels, bias=bias)
+        self.augment = conv_bn_relu(2 * mid_channels, mid_channels, bias=bias)
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(mid_channels, num_classes, 1)
 
     def forward(self, feats: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.concat:
-            x = concat_branches(feats)
+            x = concat_branches(feats, self.align_corners)
             aux_in = x
         else:
             x, aux_in = feats[self.in_index], feats[self.aux_index]
