@@ -122,6 +122,19 @@ def export_model(
     )
 
 
+@app.command("convert")
+def convert(
+    src: Annotated[Path, typer.Argument(help="Checkpoint (.pth) of the authors' released code.")],
+    out: Annotated[Path, typer.Argument(help="Where to write the contrastseg file.")],
+    keys: Annotated[bool, typer.Option(help="List every key's mapping.")] = False,
+) -> None:
+    """Convert a released ContrastiveSeg checkpoint (HRNet-W48, +OCR, DeepLabV3-R101, OCR-R101)
+    to a contrastseg checkpoint, or its HRNetV2 ImageNet weights to a backbone weights file."""
+    from contrastseg.convert import convert_file, format_conversion
+
+    typer.echo(format_conversion(convert_file(src, out), keys=keys, out=out))
+
+
 @app.command("models")
 def models_list(
     classes: Annotated[int, typer.Option(help="Number of classes for the counts.")] = 19,
