@@ -19,7 +19,7 @@ _API = {
     "load_config": "contrastseg.config",
     "Trainer": "contrastseg.engine.trainer",
     "TrainResult": "contrastseg.engine.trainer",
-    "train": "contrastseg.engine.trainer",
+    "train": "contrastseg.workflow",
     "evaluate_checkpoint": "contrastseg.inference",
     "load_trained_model": "contrastseg.inference",
     "predict": "contrastseg.inference",

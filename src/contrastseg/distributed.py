@@ -52,6 +52,20 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def average_gradients(parameters) -> None:
+    """Average the ``.grad`` of ``parameters`` over all processes, in place (a no-op in one
+    process): for parameters outside a ``DistributedDataParallel`` model, called after
+    ``backward()`` and before the optimiser step. Every process must call it with the same
+    parameters; a parameter without a gradient is skipped (alike on every process)."""
+    if not is_distributed():
+        return
+    world = dist.get_world_size()
+    for p in parameters:
+        if p.grad is not None:
+            all_reduce_sum(p.grad)
+            p.grad /= world
+
+
 def all_processes_agree(flag: bool, device: torch.device) -> bool:
     """True only when ``flag`` holds in every process (one all-reduce under DDP)."""
     if not is_distributed():

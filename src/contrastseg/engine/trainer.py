@@ -8,7 +8,7 @@ import math
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from contrastseg.config import ExperimentConfig, OptimConfig, save_config
 from contrastseg.contrast import PixelContrast
+from contrastseg.data import build_eval_dataset, build_train_dataset
 from contrastseg.distributed import (
     all_processes_agree,
     convert_sync_batchnorm,
@@ -25,7 +26,6 @@ from contrastseg.distributed import (
     mean_over_processes,
 )
 from contrastseg.engine import checkpoint as ckpt
-from contrastseg.engine.builders import build_eval_dataset, build_train_dataset
 from contrastseg.engine.evaluator import evaluate, format_table, write_eval_json
 from contrastseg.engine.progress import TrainProgress
 from contrastseg.engine.runtime import environment_info, resolve_device, seed_everything
@@ -35,7 +35,6 @@ from contrastseg.errors import CheckpointError, ConfigError, TrainingError, Trai
 from contrastseg.losses import LossSet
 from contrastseg.losses.loss_set import labelled_pixels_per_process
 from contrastseg.models import build_model
-from contrastseg.viz.figures import save_prediction_figure
 
 log = logging.getLogger("contrastseg")
 
@@ -76,9 +75,15 @@ def collate_train(items: list[dict]) -> dict:
 
 @dataclass
 class TrainResult:
+    """What a run ends with: its folder, iteration and val metrics, and (rank 0) the first
+    ``eval.figure_images`` val samples (``image``, ``mask``, ``pred``) with the data's palette,
+    for whoever draws the prediction figure."""
+
     run_dir: Path
     iteration: int
     metrics: dict | None
+    samples: list[dict] = field(default_factory=list)
+    palette: list | None = None
 
 
 class Trainer:
@@ -423,14 +428,16 @@ class Trainer:
                     self._evaluate(writer, final=False)
         if self.iteration > start_iter or not ckpt.list_checkpoints(self.ckpt_dir):
             self.save_checkpoint()
-        metrics = self._evaluate(writer, final=True)
+        metrics, samples = self._evaluate(writer, final=True)
         if main:
             writer.close()
             metrics_file.close()
-        return TrainResult(self.run_dir, self.iteration, metrics)
+        palette = self.train_set.palette.tolist()
+        return TrainResult(self.run_dir, self.iteration, metrics, samples, palette)
 
-    def _evaluate(self, writer: SummaryWriter | None, final: bool) -> dict:
-        """Evaluate on the val split (each process a disjoint share under DDP)."""
+    def _evaluate(self, writer: SummaryWriter | None, final: bool) -> tuple[dict, list[dict]]:
+        """Evaluate on the val split (each process a disjoint share under DDP); returns the
+        metrics and, for the final evaluation on rank 0, the samples kept for the figure."""
         cfg = self.cfg
         val = build_eval_dataset(cfg.data)
         keep = cfg.eval.figure_images if final and self.dist.is_main else 0
@@ -446,25 +453,17 @@ class Trainer:
             world_size=self.dist.world_size,
         )
         if not self.dist.is_main:
-            return metrics
+            return metrics, []
         for key in ("mIoU", "pixel_acc", "mean_acc", "fwIoU"):
             writer.add_scalar(f"val/{key}", metrics[key], self.iteration)
         if not final:
             log.info("iteration %d: val mIoU %.2f%%", self.iteration, 100 * metrics["mIoU"])
-            return metrics
+            return metrics, []
         write_eval_json(
             metrics, self.class_names, self.run_dir / "eval.json", iteration=self.iteration
         )
         print(format_table(metrics, self.class_names))
-        if samples:
-            save_prediction_figure(
-                samples,
-                val.palette,
-                self.run_dir / "figures" / "val_predictions.png",
-                mean=cfg.data.mean,
-                std=cfg.data.std,
-            )
-        return metrics
+        return metrics, samples
 
 
 def open_metrics_log(path: Path, iteration: int):
@@ -481,8 +480,3 @@ def open_metrics_log(path: Path, iteration: int):
                 keep.append(line)
         path.write_text("".join(line + "\n" for line in keep))
     return path.open("a")
-
-
-def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train (or resume) the run a config describes and evaluate it on the val split."""
-    return Trainer(cfg, resume=resume, progress=progress).fit()

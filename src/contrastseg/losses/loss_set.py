@@ -7,7 +7,7 @@ from torch import nn
 
 from contrastseg.config import LossConfig
 from contrastseg.contrast import PixelContrast
-from contrastseg.distributed import all_reduce_sum, is_distributed
+from contrastseg.distributed import all_reduce_sum, average_gradients, is_distributed
 from contrastseg.errors import ConfigError
 from contrastseg.losses.aaf import AAFLoss
 from contrastseg.losses.cross_entropy import cross_entropy
@@ -106,13 +106,7 @@ class LossSet(nn.Module):
         """Under DDP: average the gradients of the loss's parameters (AAF's weights, the
         contrast projection head) over the processes (they are outside the DDP model); a
         no-op in one process."""
-        if not is_distributed():
-            return
-        world = torch.distributed.get_world_size()
-        for p in self.parameters():
-            if p.grad is not None:
-                all_reduce_sum(p.grad)
-                p.grad /= world
+        average_gradients(self.parameters())
 
     def forward(
         self,
