@@ -21,6 +21,8 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print side-b
 app.add_typer(bench_app, name="bench")
 data_app = typer.Typer(no_args_is_help=True, help="Data set integrity checks.")
 app.add_typer(data_app, name="data")
+checkpoint_app = typer.Typer(no_args_is_help=True, help="Checkpoint file conversion.")
+app.add_typer(checkpoint_app, name="checkpoint")
 app.add_typer(figures_app, name="figures")
 
 Overrides = Annotated[
@@ -28,6 +30,15 @@ Overrides = Annotated[
     typer.Option("--set", "-s", help="Override a config value, e.g. --set train.iters=200."),
 ]
 
+
+Trust = Annotated[
+    bool,
+    typer.Option(
+        "--trust-checkpoint",
+        help="UNSAFE: also load a checkpoint that needs arbitrary unpickling (the classes it "
+        "names are imported and called). Only for files you made yourself.",
+    ),
+]
 
 Device = Annotated[str, typer.Option(help="cpu or cuda.")]
 Amp = Annotated[str, typer.Option(help="off, bf16 or fp16.")]
@@ -66,12 +77,13 @@ def evaluate(
     split: Annotated[str | None, typer.Option(help="Split name (default: data.val_split).")] = None,
     out: Annotated[Path | None, typer.Option(help="Where to write eval.json.")] = None,
     overrides: Overrides = None,
+    trust_checkpoint: Trust = False,
 ) -> None:
     """Evaluate a checkpoint (single-scale, whole image); print the table, write eval.json."""
     from contrastseg import evaluate_checkpoint, load_config
 
     cfg = load_config(config, overrides or [])
-    metrics = evaluate_checkpoint(cfg, checkpoint, split=split, out=out)
+    metrics = evaluate_checkpoint(cfg, checkpoint, split=split, out=out, trust=trust_checkpoint)
     typer.echo(f"mIoU: {100 * metrics['mIoU']:.2f}%")
 
 
@@ -84,22 +96,48 @@ def predict(
         typer.Option(help="Exported MODEL.onnx (with MODEL.onnx.json), run by onnxruntime."),
     ] = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("predictions"),
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict", help="Stop at the first unreadable image (default: skip it and go on)."
+        ),
+    ] = False,
+    skip_existing: Annotated[
+        bool,
+        typer.Option(
+            "--skip-existing", help="Keep the outputs of images already done (rerun after a crash)."
+        ),
+    ] = False,
+    trust_checkpoint: Trust = False,
 ) -> None:
-    """Colour-coded masks, overlays and label-id PNGs for images."""
+    """Colour-coded masks, overlays and label-id PNGs for images. Each file is written
+    atomically; an unreadable image is skipped with a warning, and the run ends with a summary
+    and exit status 1 when any was skipped."""
     from contrastseg.errors import ConfigError
 
     if (checkpoint is None) == (onnx is None):
         got = "both" if checkpoint is not None else "neither"
         raise ConfigError(f"predict: give one of --checkpoint CKPT or --onnx MODEL.onnx, got {got}")
     if onnx is not None:
+        if trust_checkpoint:
+            raise ConfigError("predict: --trust-checkpoint applies to --checkpoint, not --onnx")
         from contrastseg.onnx_predict import predict_onnx
 
-        written = predict_onnx(onnx, images, out)
+        result = predict_onnx(onnx, images, out, strict=strict, skip_existing=skip_existing)
     else:
         from contrastseg import predict as run_predict
 
-        written = run_predict(checkpoint, images, out)
-    typer.echo(f"wrote {len(written)} predictions to {out}")
+        result = run_predict(
+            checkpoint,
+            images,
+            out,
+            strict=strict,
+            skip_existing=skip_existing,
+            trust=trust_checkpoint,
+        )
+    typer.echo(result.summary())
+    if not result.ok:
+        raise typer.Exit(1)
 
 
 @app.command("export")
@@ -111,15 +149,30 @@ def export_model(
         typer.Option(help="Model file (default: next to CKPT, .onnx or .torchscript.pt)."),
     ] = None,
     opset: Annotated[int | None, typer.Option(help="ONNX opset, 18 or newer (default 18).")] = None,
+    trust_checkpoint: Trust = False,
 ) -> None:
     """Export the inference model (no auxiliary or projection head) and its JSON sidecar."""
     from contrastseg.export import export_checkpoint
 
-    result = export_checkpoint(checkpoint, out, format=format, opset=opset)
+    result = export_checkpoint(checkpoint, out, format=format, opset=opset, trust=trust_checkpoint)
     typer.echo(
         f"wrote {result.model} and {result.sidecar.name} "
         f"(max |logit - PyTorch| {result.max_abs_diff:.2g} on random inputs)"
     )
+
+
+@checkpoint_app.command("upgrade")
+def checkpoint_upgrade(
+    old: Annotated[Path, typer.Argument(help="Checkpoint of an older format (kept as it is).")],
+    new: Annotated[Path, typer.Argument(help="Where to write it in the current format (new).")],
+    trust_checkpoint: Trust = False,
+) -> None:
+    """Convert a checkpoint of an older format to the current one, e.g. format 1 (projection
+    head in the model) to 2 (in the contrast module's state, only plain types)."""
+    from contrastseg.engine.checkpoint import FORMAT_VERSION, upgrade_file
+
+    version = upgrade_file(old, new, trust=trust_checkpoint)
+    typer.echo(f"wrote {new}: format {version} -> {FORMAT_VERSION} ({old} unchanged)")
 
 
 @app.command("convert")

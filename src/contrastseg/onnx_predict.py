@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from contrastseg.data import load_image
+from contrastseg.data import normalize
 from contrastseg.errors import CheckpointError
 from contrastseg.export import import_optional, sidecar_path
-from contrastseg.inference import expand_images, normalize_image, save_prediction
+from contrastseg.inference import PredictResult, predict_files
 
 SIDECAR_FIELDS = ("format", "input", "output", "class_names", "palette")
 
@@ -43,9 +43,19 @@ def load_sidecar(model_path: Path) -> dict:
     return info
 
 
-def predict_onnx(model: Path, images: list[Path], out_dir: Path, alpha: float = 0.5) -> list[Path]:
+def predict_onnx(
+    model: Path,
+    images: list[Path],
+    out_dir: Path,
+    alpha: float = 0.5,
+    strict: bool = False,
+    skip_existing: bool = False,
+) -> PredictResult:
     """Per image, ``<stem>_mask.png``, ``<stem>_overlay.png`` and ``<stem>_labels.png`` in
-    ``out_dir``, as ``predict`` writes them; returns the mask paths."""
+    ``out_dir``, as ``predict`` writes them (each atomically; an unreadable input is skipped
+    unless ``strict``, finished outputs kept with ``skip_existing``: see
+    :func:`contrastseg.inference.predict_files`). Returns the mask paths written, with the
+    inputs skipped and kept."""
     model = Path(model)
     if not model.is_file():
         raise CheckpointError(f"{model}: ONNX model not found")
@@ -61,13 +71,13 @@ def predict_onnx(model: Path, images: list[Path], out_dir: Path, alpha: float = 
         raise CheckpointError(f"{model}: inputs {names}, but its sidecar says [{in_name!r}]")
     palette = np.asarray(info["palette"], dtype=np.uint8)
     mean, std = info["input"]["mean"], info["input"]["std"]
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for path in expand_images(images):
-        rgb = load_image(path)
-        x = normalize_image(rgb, mean, std)[None].numpy()
-        logits = session.run([out_name], {in_name: x})[0]
-        pred = logits.argmax(1)[0].astype(np.uint8)
-        written.append(save_prediction(path.stem, rgb, pred, palette, out_dir, alpha))
-    return written
+
+    def infer(rgb: np.ndarray) -> np.ndarray:
+        x = normalize(rgb, mean, std)[None].numpy()
+        try:
+            logits = session.run([out_name], {in_name: x})[0]
+        except Exception as err:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise RuntimeError(f"onnxruntime: {err}") from err
+        return logits.argmax(1)[0].astype(np.uint8)
+
+    return predict_files(images, out_dir, infer, palette, alpha, strict, skip_existing)
