@@ -43,9 +43,9 @@ def model_cfg(backbone: str, head: str, **kw) -> ModelConfig:
     return ModelConfig.model_validate({"backbone": {"name": backbone}, "head": head, **kw})
 
 
-def meta_model(backbone: str, head: str, num_classes: int = 19):
+def meta_model(backbone: str, head: str, num_classes: int = 19, **kw):
     with torch.device("meta"):
-        return build_model(model_cfg(backbone, head), num_classes)
+        return build_model(model_cfg(backbone, head, **kw), num_classes)
 
 
 # (backbone, head, stride of seg, aux expected): the seven rows of Table 1 and the small HRNet
@@ -148,11 +148,137 @@ def test_projection_reads_the_decoder_input(backbone, head, channels):
         ("hrnetv2_w48", "ocr", 70.3e6),  # HRNetV2-W48 + OCR (HRNet-OCR release)
     ],
 )
-def test_parameter_counts_match_published(backbone, head, published):
-    model = meta_model(backbone, head)
+def test_compact_parameter_counts_match_published(backbone, head, published):
+    model = meta_model(backbone, head, head_variant="compact")
     params = count_parameters(InferenceModel(model))
     assert abs(params - published) / published < 0.02, params
     assert count_parameters(model) >= params  # training adds the aux head where there is one
+
+
+# The released networks as the authors' code builds them (lib/models/nets/hrnet.py HRNet_W48 /
+# HRNet_W48_OCR, deeplab.py DeepLabV3 with DeepLabHead, ocrnet.py SpatialOCRNet; 19 classes,
+# projection head left out): parameters of the whole network (auxiliary heads included) and of
+# the inference graph.
+RELEASED = [
+    ("hrnetv2_w48", "hrnetv2", 70_006_560, 70_006_560),
+    ("hrnetv2_w48", "ocr", 74_522_182, 74_522_182),
+    ("resnet101_deep", "deeplabv3", 89_570_278, 87_205_331),  # layer_dsn: 2_364_947
+    ("resnet101_deep", "ocr", 57_988_838, 57_988_838),
+]
+
+
+@pytest.mark.parametrize(("backbone", "head", "total", "inference"), RELEASED)
+def test_released_parameter_counts_are_the_authors_networks(backbone, head, total, inference):
+    model = meta_model(backbone, head)  # head_variant: released (the default)
+    assert count_parameters(model) == total
+    assert count_parameters(InferenceModel(model)) == inference
+    backbone_params = {"hrnetv2_w48": 65_325_120, "resnet101_deep": 42_623_936}[backbone]
+    assert count_parameters(model.backbone) == backbone_params  # openseg's backbones exactly
+
+
+def shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items() if "running" not in k}
+
+
+def test_released_hrnetv2_head_layers():
+    head = meta_model("hrnetv2_w48", "hrnetv2").head
+    # cls_head: Conv2d(720, 720, 3, padding=1) (bias), BNReLU(720), Dropout2d(0.1),
+    # Conv2d(720, 19, 1, bias=False)
+    assert shapes(head) == {
+        "block.0.weight": (720, 720, 3, 3),
+        "block.0.bias": (720,),
+        "block.1.weight": (720,),
+        "block.1.bias": (720,),
+        "block.1.num_batches_tracked": (),
+        "classifier.weight": (19, 720, 1, 1),
+    }
+    assert head.block[0].padding == (1, 1) and head.dropout.p == 0.1
+    assert head.align_corners  # the branches are upsampled with align_corners=True
+    compact = meta_model("hrnetv2_w48", "hrnetv2", head_variant="compact").head
+    assert compact.block[0].kernel_size == (1, 1) and compact.classifier.bias is not None
+    assert isinstance(compact.dropout, torch.nn.Identity) and not compact.align_corners
+
+
+def test_released_deeplabv3_head_layers():
+    model = meta_model("resnet101_deep", "deeplabv3")
+    head = model.head
+    # ASPPModule(2048, 512): four branches (1x1, 3x3 at 12/24/36) and pooling, no conv bias;
+    # project: 3x3 conv 2560 -> 512, BNReLU; refine: 3x3 conv, BN (no ReLU), 1x1 classifier
+    assert [tuple(b[0].weight.shape) for b in head.aspp.branches[:4]] == [
+        (512, 2048, 1, 1),
+        *[(512, 2048, 3, 3)] * 3,
+    ]
+    assert [b[0].dilation for b in head.aspp.branches[1:4]] == [(12, 12), (24, 24), (36, 36)]
+    assert tuple(head.aspp.branches[4].proj[0].weight.shape) == (512, 2048, 1, 1)
+    assert tuple(head.aspp.project[0].weight.shape) == (512, 2560, 3, 3)
+    assert all(m.bias is None for m in head.aspp.modules() if isinstance(m, torch.nn.Conv2d))
+    assert [type(m).__name__ for m in head.bottleneck] == ["Conv2d", "BatchNorm2d"]
+    assert head.bottleneck[0].bias is None and tuple(head.bottleneck[0].weight.shape) == (
+        512,
+        512,
+        3,
+        3,
+    )
+    assert isinstance(head.dropout, torch.nn.Identity)
+    assert shapes(head.classifier) == {"weight": (19, 512, 1, 1), "bias": (19,)}
+    # layer_dsn on layer 3: Conv2d(1024, 256, 3) with bias, BNReLU, Conv2d(256, 19, 1); no dropout
+    aux = model.aux
+    assert shapes(aux.block[0]) == {"weight": (256, 1024, 3, 3), "bias": (256,)}
+    assert isinstance(aux.dropout, torch.nn.Identity)
+    assert shapes(aux.classifier) == {"weight": (19, 256, 1, 1), "bias": (19,)}
+
+
+@pytest.mark.parametrize(("backbone", "width", "aux_kernel"), [("hrnetv2_w48", 720, 3)])
+def test_released_ocr_head_layers_on_hrnet(backbone, width, aux_kernel):
+    head = meta_model(backbone, "ocr").head
+    # aux_head: Conv2d(720, 720, 3) (bias), BNReLU, Conv2d(720, 19, 1) (bias); conv3x3: 720 ->
+    # 512 with bias; SpatialOCR_Module(512, 256, 512): every 1x1 conv with bias; cls_head 512->19
+    assert shapes(head.aux_head[0][0]) == {
+        "weight": (width, width, aux_kernel, aux_kernel),
+        "bias": (width,),
+    }
+    assert isinstance(head.aux_head[1], torch.nn.Identity)  # no dropout on HRNet
+    assert shapes(head.aux_head[2]) == {"weight": (19, width, 1, 1), "bias": (19,)}
+    assert shapes(head.pixel[0]) == {"weight": (512, width, 3, 3), "bias": (512,)}
+    convs = [m for m in head.relation.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [tuple(c.weight.shape) for c in convs] == [
+        (256, 512, 1, 1),
+        (256, 256, 1, 1),
+        (256, 512, 1, 1),
+        (256, 256, 1, 1),
+        (256, 512, 1, 1),
+        (512, 256, 1, 1),
+    ]
+    assert all(c.bias is not None for c in convs)
+    assert shapes(head.augment[0]) == {"weight": (512, 1024, 1, 1), "bias": (512,)}
+    assert head.dropout.p == 0.05
+    assert shapes(head.classifier) == {"weight": (19, 512, 1, 1), "bias": (19,)}
+
+
+def test_released_ocr_head_layers_on_resnet():
+    head = meta_model("resnet101_deep", "ocr").head
+    # dsn_head: Conv2d(1024, 512, 3) (bias), BNReLU, Dropout2d(0.05), Conv2d(512, 19, 1)
+    assert shapes(head.aux_head[0][0]) == {"weight": (512, 1024, 3, 3), "bias": (512,)}
+    assert head.aux_head[1].p == 0.05
+    assert shapes(head.aux_head[2]) == {"weight": (19, 512, 1, 1), "bias": (19,)}
+    assert shapes(head.pixel[0]) == {"weight": (512, 2048, 3, 3), "bias": (512,)}
+    compact = meta_model("resnet101_deep", "ocr", head_variant="compact").head
+    assert compact.pixel[0].bias is None and len(compact.aux_head) == 2
+
+
+def test_released_backbone_variant_switches_upsampling_and_pooling():
+    with torch.device("meta"):
+        hr = TimmBackbone("hrnetv2_w18_small", variant="released")
+        resnet = TimmBackbone("resnet101_deep", variant="released")
+        plain = TimmBackbone("resnet101_deep")
+    ups = [m for m in hr.body.modules() if isinstance(m, torch.nn.Upsample)]
+    assert ups and all(m.mode == "bilinear" and m.align_corners for m in ups)
+    assert resnet.body.maxpool.ceil_mode and not plain.body.maxpool.ceil_mode
+    # the released max-pool: 64x64 -> stem 32x32 -> 17x17 (timm: 16x16) -> 9x9 at stride 8
+    small = TimmBackbone("resnet101", variant="released")
+    assert [f.shape[-1] for f in small(torch.randn(1, 3, 64, 64))][1:] == [17, 9, 9, 9]
+    with pytest.raises(ConfigError, match="model.backbone.variant"):
+        TimmBackbone("resnet101", variant="openseg")
 
 
 def test_summary_flops_scale_with_pixels_and_training_costs_more():
@@ -188,6 +314,10 @@ def test_every_table1_config_loads_and_builds():
         cfg = load_config(path, ["model.backbone.pretrained=false"])
         backbone, head = TABLE1[path.name.rsplit("_", 1)[0]]
         assert (cfg.model.backbone.name, cfg.model.head) == (backbone, head)
+        # the released layouts: heads, HRNet fuse upsampling / ResNet stem pooling, ASPP 512
+        assert (cfg.model.head_variant, cfg.model.backbone.variant) == ("released", "released")
+        if head == "deeplabv3":
+            assert cfg.model.head_channels == 512
         assert cfg.train.iters == 80000
         assert cfg.train.batch_size == (16 if "mobilenet" in path.name else 8)
         contrast = cfg.loss.contrast
