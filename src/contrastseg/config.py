@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from contrastseg.datasets_table import DATA_SET_NAMES, DATA_SETS
 from contrastseg.errors import ConfigError
 
 
@@ -25,10 +26,9 @@ class DataConfig(_Section):
     """Where the images come from and how they are augmented."""
 
     # synthetic: the embedded data set; folder: a user's folder (data/folder.py); the four
-    # benchmarks in their publishers' layouts under data.root (docs/datasets.md)
-    name: Literal["synthetic", "folder", "cityscapes", "pascal_context", "coco_stuff", "camvid"] = (
-        "synthetic"
-    )
+    # benchmarks in their publishers' layouts under data.root (docs/datasets.md). The allowed
+    # names are the rows of contrastseg/datasets_table.py.
+    name: Literal[DATA_SET_NAMES] = "synthetic"  # type: ignore[valid-type]
     root: Path | None = None
     train_split: str = "train"
     val_split: str = "val"
@@ -53,7 +53,7 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
-        if self.name != "synthetic" and self.root is None:
+        if DATA_SETS[self.name].reads_root and self.root is None:
             raise ValueError(f"data.root is required when data.name is {self.name!r}")
         if not 0 < self.scale_range[0] <= self.scale_range[1]:
             raise ValueError(
@@ -66,6 +66,18 @@ class DataConfig(_Section):
         return self
 
 
+# The backbones of the project's model zoo (contrastseg.models.backbones.BACKBONES).
+BACKBONE_NAMES = (
+    "mobilenetv3_large",
+    "mobilenetv2",
+    "mobilenetv1",
+    "resnet101",
+    "resnet101_deep",
+    "hrnetv2_w48",
+    "hrnetv2_w18_small",
+)
+
+
 class BackboneConfig(_Section):
     """The feature extractor (timm, random init unless ``pretrained`` or ``weights``).
 
@@ -76,15 +88,9 @@ class BackboneConfig(_Section):
     layout; a key mismatch stops the run unless ``strict: false``.
     """
 
-    name: Literal[
-        "mobilenetv3_large",
-        "mobilenetv2",
-        "mobilenetv1",
-        "resnet101",
-        "resnet101_deep",
-        "hrnetv2_w48",
-        "hrnetv2_w18_small",
-    ] = "mobilenetv3_large"
+    # One of BACKBONE_NAMES, or "timm:<model>" for any timm model with features_only
+    # (dilated to output_stride where timm supports it, else all levels concatenated).
+    name: str = "mobilenetv3_large"
     output_stride: Literal[8, 16, 32] = 8
     pretrained: bool = False
     weights: Path | None = None
@@ -98,6 +104,16 @@ class BackboneConfig(_Section):
     @property
     def is_hrnet(self) -> bool:
         return self.name.startswith("hrnet")
+
+    @field_validator("name")
+    @classmethod
+    def _known_name(cls, name: str) -> str:
+        if name in BACKBONE_NAMES or (name.startswith("timm:") and len(name) > len("timm:")):
+            return name
+        raise ValueError(
+            f"model.backbone.name = {name!r}: allowed values are {list(BACKBONE_NAMES)} or "
+            "'timm:<model>' for any timm model with features_only (e.g. 'timm:convnext_tiny')"
+        )
 
     @model_validator(mode="after")
     def _check(self) -> BackboneConfig:
@@ -148,6 +164,8 @@ class ModelConfig(_Section):
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
         name = self.backbone.name
+        if name.startswith("timm:"):  # checked when the backbone is built
+            return self
         if self.head == "hrnetv2" and not self.backbone.is_hrnet:
             raise ValueError(
                 f"model.head = 'hrnetv2' needs an HRNet backbone (model.backbone.name: "

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from contrastseg.config import ExperimentConfig
+from contrastseg.datasets_table import DATA_SETS
 from contrastseg.errors import ContrastSegError
 from contrastseg.rundir import RunRecord
 
@@ -53,14 +54,6 @@ BACKBONES = {
     "resnet101_deep": "D-ResNet-101",
     "hrnetv2_w18_small": "HRNetV2-W18-Small",
     "hrnetv2_w48": "HRNetV2-W48",
-}
-DATASETS = {
-    "cityscapes": "Cityscapes",
-    "pascal_context": "PASCAL-Context",
-    "coco_stuff": "COCO-Stuff",
-    "camvid": "CamVid",
-    "folder": "folder",
-    "synthetic": "synthetic",
 }
 # Loss terms beyond CE, in the order of the supplement's Table 2 rows.
 EXTRA_TERMS = ("aaf", "rmi", "lovasz", "contrast")
@@ -129,7 +122,7 @@ def loss_terms(cfg: ExperimentConfig) -> tuple[str, ...]:
 def dataset_label(cfg: ExperimentConfig, split: str) -> str:
     """The evaluation data set and split, e.g. ``Cityscapes val``; runs match only within one."""
     d = cfg.data
-    name = DATASETS[d.name]
+    name = DATA_SETS[d.name].display
     if d.name == "coco_stuff":
         name = f"{name}-{d.coco_split}"
     elif d.name == "folder":
@@ -145,7 +138,7 @@ def dataset_label(cfg: ExperimentConfig, split: str) -> str:
 
 def _backbone(cfg: ExperimentConfig) -> str:
     b = cfg.model.backbone
-    name = BACKBONES[b.name]
+    name = BACKBONES.get(b.name, b.name)  # a timm:<model> backbone shows its own name
     return name if b.is_hrnet or b.output_stride == 8 else f"{name} (OS {b.output_stride})"
 
 

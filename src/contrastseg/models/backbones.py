@@ -69,8 +69,23 @@ BACKBONES: dict[str, BackboneSpec] = {
     ),
 }
 
-# Our name -> timm model name.
-TIMM_NAMES = {name: spec.timm_name for name, spec in BACKBONES.items()}
+# ``model.backbone.name: "timm:<model>"`` takes any timm model that gives feature maps.
+TIMM_PREFIX = "timm:"
+# Classification-head prefixes of common timm families, dropped when weights are loaded.
+_TIMM_HEAD_PREFIXES = ("fc.", "classifier.", "head.", "head_fc.", "conv_head.", "bn2.", "norm.")
+
+
+def backbone_spec(name: str) -> BackboneSpec:
+    """The spec of one of the project's backbone names or of ``timm:<model>``."""
+    if name in BACKBONES:
+        return BACKBONES[name]
+    if name.startswith(TIMM_PREFIX) and len(name) > len(TIMM_PREFIX):
+        timm_name = name[len(TIMM_PREFIX) :]
+        return BackboneSpec(timm_name, False, _TIMM_HEAD_PREFIXES, f"timm {timm_name}")
+    raise ConfigError(
+        f"model.backbone.name = {name!r}: allowed values are {sorted(BACKBONES)} or "
+        "'timm:<model>' for any timm model with features_only (e.g. 'timm:convnext_tiny')"
+    )
 
 
 class TimmBackbone(nn.Module):
@@ -91,24 +106,38 @@ class TimmBackbone(nn.Module):
             raise ConfigError(
                 f"model.backbone.variant = {variant!r}: allowed values are ['released', 'timm']"
             )
-        if name not in BACKBONES:
-            raise ConfigError(
-                f"model.backbone.name = {name!r}: allowed values are {sorted(BACKBONES)}"
-            )
-        spec = BACKBONES[name]
+        spec = backbone_spec(name)
         self.name = name
         self.spec = spec
         self.is_hrnet = spec.hrnet
+        # Multi-level: all maps are used, upsampled to the first and concatenated (HRNet's
+        # branches; a timm model that cannot be dilated).
+        self.multi_level = spec.hrnet
         if spec.hrnet:
             # feature_location="" returns the raw branches; index 0 (the stem) is left out.
             kwargs = {"feature_location": "", "out_indices": (1, 2, 3, 4)}
         else:
             kwargs = {"output_stride": output_stride}
         try:
-            self.body = timm.create_model(
-                spec.timm_name, features_only=True, pretrained=pretrained, **kwargs
-            )
+            try:
+                self.body = timm.create_model(
+                    spec.timm_name, features_only=True, pretrained=pretrained, **kwargs
+                )
+            except (TypeError, ValueError, AssertionError, NotImplementedError):
+                if not name.startswith(TIMM_PREFIX):
+                    raise
+                # No dilation in this family: keep every level at its own stride.
+                self.multi_level = True
+                self.body = timm.create_model(
+                    spec.timm_name, features_only=True, pretrained=pretrained
+                )
         except Exception as err:  # noqa: BLE001 - no network, missing cache, hub errors
+            if name.startswith(TIMM_PREFIX) and not isinstance(err, CheckpointError):
+                raise ConfigError(
+                    f"model.backbone.name = {name!r}: timm cannot give feature maps of "
+                    f"{spec.timm_name!r} ({type(err).__name__}: {err}); choose a model that "
+                    "supports features_only=True (timm.list_models() names them)"
+                ) from err
             if not pretrained:
                 raise
             raise CheckpointError(
@@ -120,7 +149,7 @@ class TimmBackbone(nn.Module):
             ) from err
         self.channels: list[int] = list(self.body.feature_info.channels())
         reductions = list(self.body.feature_info.reduction())
-        if spec.hrnet:
+        if self.multi_level:
             self.strides = reductions
         else:
             self.strides = [min(r, output_stride) for r in reductions]

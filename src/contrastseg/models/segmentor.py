@@ -101,14 +101,17 @@ def build_model(
         load_backbone_weights(backbone, bcfg.weights, strict=bcfg.strict)
     top = backbone.channels[backbone.out_index]
     aux = None
-    if cfg.head in ("hrnetv2", "ocr") and backbone.is_hrnet:
+    if cfg.head in ("hrnetv2", "ocr") and backbone.multi_level:
         features_channels, stride = sum(backbone.channels), backbone.strides[0]
     else:
         features_channels, stride = top, backbone.strides[backbone.out_index]
     variant = cfg.head_variant
     if cfg.head == "deeplabv3":
-        if backbone.is_hrnet:
-            raise ConfigError("model.head = 'deeplabv3' needs a dilated backbone, not HRNet")
+        if backbone.multi_level:
+            raise ConfigError(
+                f"model.head = 'deeplabv3' needs a dilated backbone; {bcfg.name!r} gives "
+                "several levels at their own strides: use model.head: hrnetv2 or ocr"
+            )
         channels = cfg.head_channels or (512 if variant == "released" else 256)
         head: nn.Module = DeepLabV3Head(
             top, num_classes, channels, cfg.aspp_rates, cfg.dropout, backbone.out_index, variant
@@ -117,12 +120,15 @@ def build_model(
             aux_in = backbone.channels[backbone.aux_index]
             aux = FCNHead(aux_in, num_classes, cfg.aux_channels, cfg.dropout, variant)
     elif cfg.head == "hrnetv2":
-        if not backbone.is_hrnet:
-            raise ConfigError("model.head = 'hrnetv2' needs an HRNet backbone")
+        if not backbone.multi_level:
+            raise ConfigError(
+                f"model.head = 'hrnetv2' needs a multi-level backbone (HRNet, or a timm model "
+                f"that cannot be dilated); {bcfg.name!r} is dilated: use deeplabv3 or ocr"
+            )
         dropout = cfg.dropout if variant == "released" else 0.0
         head = HRNetV2Head(features_channels, num_classes, dropout, variant)
     elif cfg.head == "ocr":
-        hr = backbone.is_hrnet
+        hr = backbone.multi_level
         aux_in = features_channels if hr else backbone.channels[backbone.aux_index]
         aux_channels = cfg.ocr_aux_channels or (features_channels if hr else 512)
         head = OCRHead(
@@ -134,7 +140,7 @@ def build_model(
             aux_channels=aux_channels,
             aux_kernel=1 if hr and variant == "compact" else 3,
             dropout=cfg.ocr_dropout,
-            concat=backbone.is_hrnet,
+            concat=backbone.multi_level,
             in_index=backbone.out_index,
             aux_index=backbone.aux_index,
             variant=variant,

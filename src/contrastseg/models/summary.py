@@ -164,4 +164,10 @@ def format_models(rows: list[dict[str, Any]]) -> str:
         f"params: inference model, {rows[0]['classes'] if rows else 19} classes. Training adds the "
         "auxiliary and projection heads; see `contrastseg summary CONFIG`."
     )
+    lines.append(
+        "Any timm model with features_only: model.backbone.name: timm:<model> (e.g. "
+        "timm:convnext_tiny, timm:resnet50d, timm:efficientnet_b3) with deeplabv3 or ocr, "
+        "dilated to output_stride; a family timm cannot dilate (e.g. timm:poolformer_s12) "
+        "gives all its levels, concatenated at the first one's stride, for hrnetv2 or ocr."
+    )
     return "\n".join(lines)
