@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from contrastseg import evaluate_checkpoint, load_config
-from contrastseg.data import FolderDataset, check_split
+from contrastseg.data import FolderSource, check_split
 from contrastseg.engine import checkpoint as ckpt
 from contrastseg.engine.sampling import epoch_permutation
 from contrastseg.engine.trainer import Trainer
@@ -141,7 +141,7 @@ def test_images_with_alpha_are_accepted_and_the_alpha_is_dropped(tmp_path):
     Image.fromarray(rgba).save(root / "images" / "s0.png")
     Image.fromarray(la).save(root / "images" / "s1.png")
     assert Image.open(root / "images" / "s1.png").mode == "LA"
-    ds = FolderDataset(root, "train")
+    ds = FolderSource(root, "train")
     assert np.array_equal(ds[0][0], rgba[..., :3])
     assert np.array_equal(ds[1][0], np.repeat(la[..., :1], 3, axis=2))
     assert check_split(folder_cfg(tmp_path, root), "train").ok

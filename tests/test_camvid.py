@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from contrastseg.data import CamVidDataset
+from contrastseg.data import CamVidSource
 from contrastseg.errors import DataError
 
 SIZE = (36, 48)  # a tenth of 360x480
@@ -33,22 +33,22 @@ def make_camvid(root, counts=None, size=SIZE):
 
 def test_samples_per_split(tmp_path):
     root = make_camvid(tmp_path / "camvid")
-    assert {s: len(CamVidDataset(root, s)) for s in ("train", "val", "test")} == {
+    assert {s: len(CamVidSource(root, s)) for s in ("train", "val", "test")} == {
         "train": 3,
         "val": 2,
         "test": 2,
     }
-    ds = CamVidDataset(root, "val")
+    ds = CamVidSource(root, "val")
     assert ds.name(1) == "0001TP_val_000001"
     assert len(ds.classes) == 11 and ds.classes[0] == "sky" and ds.classes[10] == "bicyclist"
     assert ds.palette.shape == (11, 3)
     with pytest.raises(DataError, match="no split"):
-        CamVidDataset(root, "trainval")
+        CamVidSource(root, "trainval")
 
 
 def test_every_value_mapped_void_ignored(tmp_path):
     root = make_camvid(tmp_path / "camvid")
-    ds = CamVidDataset(root, "train")
+    ds = CamVidSource(root, "train")
     expected = {v: v for v in range(11)} | {11: 255, 255: 255}
     for i in range(len(ds)):
         raw = np.asarray(Image.open(ds.label_path(i)))
@@ -61,7 +61,7 @@ def test_every_value_mapped_void_ignored(tmp_path):
 
 def test_image_and_label_aligned(tmp_path):
     root = make_camvid(tmp_path / "camvid")
-    ds = CamVidDataset(root, "test")
+    ds = CamVidSource(root, "test")
     lookup = {tuple(c): v for v, c in zip(VALUES, colour_of(np.asarray(VALUES)), strict=True)}
     for i in range(len(ds)):
         image, mask = ds[i]
@@ -76,7 +76,7 @@ def test_unknown_value_and_missing_pair(tmp_path):
     raw[5, 5] = 12
     Image.fromarray(raw).save(path)
     with pytest.raises(DataError, match="0001TP_train_000000.png.*12"):
-        CamVidDataset(root, "train")[0]
+        CamVidSource(root, "train")[0]
     (root / "valannot" / "0001TP_val_000001.png").unlink()
     with pytest.raises(DataError, match="valannot/0001TP_val_000001.png"):
-        CamVidDataset(root, "val")
+        CamVidSource(root, "val")

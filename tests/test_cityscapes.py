@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from contrastseg.data import CityscapesDataset, SegmentationDataset, export_cityscapes_predictions
+from contrastseg.data import CityscapesSource, SegmentationDataset, export_cityscapes_predictions
 from contrastseg.data.cityscapes import cityscapes_label_table, evaluate_with_cityscapesscripts
 from contrastseg.data.transforms import TrainTransform
 from contrastseg.engine.metrics import ConfusionMatrix
@@ -75,9 +75,9 @@ def expected_train_ids(raw):
 def test_samples_per_split_and_names(tmp_path):
     root = make_cityscapes(tmp_path / "cs", SPLITS)
     for split, frames in SPLITS.items():
-        ds = CityscapesDataset(root, split)
+        ds = CityscapesSource(root, split)
         assert len(ds) == len(frames)
-    ds = CityscapesDataset(root, "train")
+    ds = CityscapesSource(root, "train")
     assert [ds.name(i) for i in range(3)] == [
         "aachen_000000_000019",
         "aachen_000001_000019",
@@ -103,7 +103,7 @@ def test_label_table_every_official_id():
 
 def test_every_id_mapped_when_loading(tmp_path):
     root = make_cityscapes(tmp_path / "cs", SPLITS)
-    ds = CityscapesDataset(root, "train")
+    ds = CityscapesSource(root, "train")
     for i in range(len(ds)):
         raw = np.asarray(Image.open(ds.label_path(i)))
         assert set(np.unique(raw).tolist()) == set(ALL_IDS)
@@ -119,12 +119,12 @@ def test_unknown_label_id_names_the_file(tmp_path):
     raw[0, 0] = 40
     Image.fromarray(raw).save(path)
     with pytest.raises(DataError, match="aachen_000000_000019_gtFine_labelIds.png.*40"):
-        CityscapesDataset(root, "train")[0]
+        CityscapesSource(root, "train")[0]
 
 
 def test_image_and_label_aligned_after_loading(tmp_path):
     root = make_cityscapes(tmp_path / "cs", SPLITS)
-    source = CityscapesDataset(root, "val")
+    source = CityscapesSource(root, "val")
     colours = colour_of(np.arange(256))
     lookup = {tuple(c): i for i, c in enumerate(colours)}
     transform = TrainTransform((24, 40), scale_range=(1.0, 1.0), flip=True, jitter=0.0)
@@ -141,7 +141,7 @@ def test_image_and_label_aligned_after_loading(tmp_path):
 
 def test_test_split_has_images_only(tmp_path):
     root = make_cityscapes(tmp_path / "cs", SPLITS)
-    ds = CityscapesDataset(root, "test")
+    ds = CityscapesSource(root, "test")
     image, mask = ds[0]
     assert ds.label_path(0) is None
     assert image.shape == (*SIZE, 3) and (mask == 255).all()
@@ -149,7 +149,7 @@ def test_test_split_has_images_only(tmp_path):
 
 def test_coarse_labels_and_train_extra(tmp_path):
     root = make_cityscapes(tmp_path / "cs", {"train": SPLITS["train"]}, coarse=True)
-    fine, coarse = CityscapesDataset(root, "train"), CityscapesDataset(root, "train", coarse=True)
+    fine, coarse = CityscapesSource(root, "train"), CityscapesSource(root, "train", coarse=True)
     assert coarse.label_path(0).name.endswith("_gtCoarse_labelIds.png")
     _, m_fine = fine[0]
     _, m_coarse = coarse[0]
@@ -157,23 +157,23 @@ def test_coarse_labels_and_train_extra(tmp_path):
         m_coarse == 0
     ).any()  # road (7) became unlabeled in gtCoarse
     with pytest.raises(DataError, match="cityscapes_coarse"):
-        CityscapesDataset(root, "train_extra")
+        CityscapesSource(root, "train_extra")
     with pytest.raises(DataError, match="leftImg8bit/train_extra is missing"):
-        CityscapesDataset(root, "train_extra", coarse=True)
+        CityscapesSource(root, "train_extra", coarse=True)
 
 
 def test_missing_label_and_missing_image_name_the_file(tmp_path):
     root = make_cityscapes(tmp_path / "cs", SPLITS)
     (root / "gtFine/train/aachen/aachen_000001_000019_gtFine_labelIds.png").unlink()
     with pytest.raises(DataError, match="aachen_000001_000019_gtFine_labelIds.png"):
-        CityscapesDataset(root, "train")
-    ds = CityscapesDataset(root, "train", strict=False)
+        CityscapesSource(root, "train")
+    ds = CityscapesSource(root, "train", strict=False)
     assert len(ds) == 2 and [p.kind for p in ds.missing] == ["missing label"]
     (root / "leftImg8bit/val/lindau/lindau_000000_000019_leftImg8bit.png").unlink()
     with pytest.raises(DataError, match="lindau_000000_000019_leftImg8bit.png"):
-        CityscapesDataset(root, "val")
+        CityscapesSource(root, "val")
     with pytest.raises(DataError, match="does not exist"):
-        CityscapesDataset(tmp_path / "nowhere", "train")
+        CityscapesSource(tmp_path / "nowhere", "train")
 
 
 def test_export_names_and_label_ids(tmp_path):
@@ -209,7 +209,7 @@ def _predictions(masks):
 def test_miou_equals_official_evaluator(tmp_path, monkeypatch):
     ids = [i for i in range(34) if i not in (28, 31)]  # no bus, no train in the ground truth
     root = make_cityscapes(tmp_path / "cs", {"val": SPLITS["val"] + [("munster", 7, 19)]}, ids=ids)
-    ds = CityscapesDataset(root, "val")
+    ds = CityscapesSource(root, "val")
     masks = [ds[i][1] for i in range(len(ds))]
     preds = _predictions(masks)
 

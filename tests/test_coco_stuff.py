@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from contrastseg.data import CocoStuffDataset, load_mat_array
+from contrastseg.data import CocoStuffSource, load_mat_array
 from contrastseg.errors import DataError
 from test_pascal_context import write_mat
 
@@ -88,8 +88,8 @@ def test_class_names_and_counts():
 
 def test_164k_splits_and_every_id(tmp_path):
     root = make_164k(tmp_path / "coco")
-    train = CocoStuffDataset(root, "train", variant="164k")
-    assert len(train) == 3 and len(CocoStuffDataset(root, "val2017", variant="164k")) == 2
+    train = CocoStuffSource(root, "train", variant="164k")
+    assert len(train) == 3 and len(CocoStuffSource(root, "val2017", variant="164k")) == 2
     assert train.name(0) == "000000000009" and len(train.classes) == 171
     assert train.palette.shape == (171, 3)
     for i in range(len(train)):
@@ -101,16 +101,16 @@ def test_164k_splits_and_every_id(tmp_path):
             assert (mask[raw == value] == want).all(), value
     assert (train.label_table[182:255] == -1).all()
     with pytest.raises(DataError, match="no split"):
-        CocoStuffDataset(root, "test", variant="164k")
+        CocoStuffSource(root, "test", variant="164k")
 
 
 def test_10k_splits_mat_labels_and_every_id(tmp_path):
     root, names = make_10k(tmp_path / "coco10k")
-    assert len(CocoStuffDataset(root, "train", variant="10k")) == 3
-    test = CocoStuffDataset(root, "test", variant="10k")
+    assert len(CocoStuffSource(root, "train", variant="10k")) == 3
+    test = CocoStuffSource(root, "test", variant="10k")
     assert len(test) == 2 and test.name(0) == names[3]
-    assert [CocoStuffDataset(root, "val").name(i) for i in range(2)] == names[3:]
-    assert len(CocoStuffDataset(root, "all")) == 5
+    assert [CocoStuffSource(root, "val").name(i) for i in range(2)] == names[3:]
+    assert len(CocoStuffSource(root, "all")) == 5
     for i in range(len(test)):
         raw = load_mat_array(test.label_path(i), "S")
         assert raw.dtype == np.uint16 and set(np.unique(raw).tolist()) == set(MAT_VALUES)
@@ -122,7 +122,7 @@ def test_10k_splits_mat_labels_and_every_id(tmp_path):
 def test_image_and_label_aligned(tmp_path):
     root, _ = make_10k(tmp_path / "coco10k", train=1, test=1)
     palette = colours(MAT_VALUES)
-    ds = CocoStuffDataset(root, "train")
+    ds = CocoStuffSource(root, "train")
     image, mask = ds[0]
     nearest = np.abs(image[:, :, None, :].astype(np.int64) - palette).sum(-1).argmin(-1)
     want = np.vectorize(train_id)(np.asarray(MAT_VALUES)[nearest])
@@ -134,10 +134,10 @@ def test_broken_annotations_name_the_file(tmp_path):
     path = root / "annotations" / f"{names[1]}.mat"
     path.write_bytes(path.read_bytes()[:-40])
     with pytest.raises(DataError, match=f"{names[1]}.mat.*truncated"):
-        CocoStuffDataset(root, "train")[1]
+        CocoStuffSource(root, "train")[1]
     write_mat(path, {"S": np.full((4, 4), 183, np.uint16)})
     with pytest.raises(DataError, match=f"{names[1]}.mat.*183"):
-        CocoStuffDataset(root, "train").map_labels(load_mat_array(path, "S"), path)
+        CocoStuffSource(root, "train").map_labels(load_mat_array(path, "S"), path)
     (root / "images" / f"{names[0]}.jpg").unlink()
     with pytest.raises(DataError, match=f"no image .*{names[0]}.jpg"):
-        CocoStuffDataset(root, "train")
+        CocoStuffSource(root, "train")

@@ -6,8 +6,7 @@ import pytest
 from PIL import Image
 
 from contrastseg.config import load_config
-from contrastseg.data import check_split
-from contrastseg.engine.builders import build_train_dataset
+from contrastseg.data import build_train_dataset, check_split
 from contrastseg.errors import DataError
 from test_cityscapes import SPLITS, make_cityscapes
 from test_coco_stuff import make_10k
@@ -124,3 +123,24 @@ def test_training_refuses_a_broken_pair(tmp_path):
     dataset[0]
     with pytest.raises(DataError, match="bochum_000000_000313_leftImg8bit.png"):
         dataset[2]
+
+
+def test_a_folder_is_scanned_like_a_benchmark(tmp_path):
+    from test_folder import _make
+
+    root = _make(tmp_path / "d", names=("a", "b", "c"))
+    (root / "masks" / "b.png").unlink()
+    Image.fromarray(np.full((12, 10), 9, np.uint8)).save(root / "masks" / "c.png")
+    report = check_split(_cfg(root, "folder"), "train")
+    assert report.dataset == "folder" and report.num_samples == 2
+    assert [(p.kind, p.path.name) for p in report.problems] == [
+        ("missing label", "b.png"),
+        ("label values", "c.png"),
+    ]
+    assert "[9]" in report.problems[1].detail and "0..2 and 255" in report.problems[1].detail
+    assert report.classes == ["background", "cat", "dog"]
+
+
+def test_the_generated_data_set_has_no_files_to_check():
+    with pytest.raises(DataError, match="'synthetic': it is generated"):
+        check_split(load_config(None, []), "train")

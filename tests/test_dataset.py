@@ -2,15 +2,21 @@ import numpy as np
 import pytest
 import torch
 
+from contrastseg.config import DataConfig, load_config
 from contrastseg.data import (
     EvalTransform,
-    FolderDataset,
+    FolderSource,
+    PairedSource,
     SegmentationDataset,
     SyntheticShapes,
     TrainTransform,
     build_source,
+    open_source,
+    source_class,
 )
-from contrastseg.errors import DataError
+from contrastseg.datasets_table import DATA_SET_NAMES, DATA_SETS
+from contrastseg.errors import ConfigError, DataError
+from contrastseg.report import dataset_label
 
 
 def _train_set(seed=0, n=6):
@@ -67,7 +73,7 @@ def test_eval_dataset_is_whole_image():
 def test_load_errors_name_the_sample(tmp_path):
     SyntheticShapes("train", 2, image_size=(16, 16)).write_to_folder(tmp_path)
     (tmp_path / "images" / "train_000001.png").write_bytes(b"broken")
-    ds = SegmentationDataset(FolderDataset(tmp_path, "train"), EvalTransform())
+    ds = SegmentationDataset(FolderSource(tmp_path, "train"), EvalTransform())
     ds[0]
     with pytest.raises(DataError, match="train_000001") as info:
         ds[1]
@@ -81,13 +87,40 @@ def test_build_source(tmp_path):
     assert isinstance(src, SyntheticShapes) and len(src) == 3 and src.seed == 2
     SyntheticShapes("val", 2, image_size=(16, 16)).write_to_folder(tmp_path)
     folder = build_source("folder", "val", root=tmp_path)
-    assert isinstance(folder, FolderDataset) and len(folder) == 2
+    assert isinstance(folder, FolderSource) and len(folder) == 2
     with pytest.raises(DataError, match="'synthetic'.*'folder'"):
         build_source("coco", "train")
     with pytest.raises(DataError, match="root"):
         build_source("folder", "train", root=None)
     with pytest.raises(DataError, match="colour"):
         build_source("synthetic", "train", num_samples=1, colour=True)
+
+
+def test_open_source_reads_the_config(tmp_path):
+    data = DataConfig(train_size=4, val_size=3, image_size=(32, 40), seed=2, difficulty=0.5)
+    train, val = open_source(data, "train"), open_source(data, "val")
+    assert isinstance(val, SyntheticShapes) and (len(train), len(val)) == (4, 3)
+    assert (val.seed, val.image_size, val.difficulty) == (2, (32, 40), 0.5)
+    SyntheticShapes("val", 2, image_size=(16, 16)).write_to_folder(tmp_path)
+    folder = open_source(DataConfig(name="folder", root=tmp_path), "val")
+    assert isinstance(folder, FolderSource) and isinstance(folder, PairedSource)
+    assert len(folder) == 2
+
+
+def test_one_row_registers_a_data_set():
+    """config's allowed names, the source classes and the report's display names all come
+    from the one table."""
+    from typing import get_args
+
+    assert get_args(DataConfig.model_fields["name"].annotation) == DATA_SET_NAMES
+    for name, row in DATA_SETS.items():
+        cls = source_class(name)
+        assert row.name == name and cls.dataset == name
+        assert issubclass(cls, PairedSource) == row.reads_root
+    with pytest.raises(ConfigError, match="'synthetic', 'folder'"):
+        load_config(None, ["data.name=coco"])
+    cfg = load_config(None, ["data.name=camvid", "data.root=/x"])
+    assert dataset_label(cfg, "test") == "CamVid test"
 
 
 def test_augmentation_does_not_depend_on_thread_count():

@@ -9,8 +9,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from contrastseg.config import load_config
+from contrastseg.data import build_eval_dataset
 from contrastseg.engine import checkpoint as ckpt
-from contrastseg.engine.builders import build_eval_dataset
 from contrastseg.engine.evaluator import evaluate
 from contrastseg.engine.trainer import Trainer
 from contrastseg.inference import load_trained_model

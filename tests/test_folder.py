@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from contrastseg.data import FolderDataset
+from contrastseg.data import FolderSource
 from contrastseg.errors import DataError
 
 
@@ -24,7 +24,7 @@ def _make(root, names=("a", "b"), classes=("background", "cat", "dog"), size=(12
 
 def _raises(match, root, split="train", load=None):
     with pytest.raises(DataError) as info:
-        ds = FolderDataset(root, split)
+        ds = FolderSource(root, split)
         if load is not None:
             ds[load]
     assert match in str(info.value), str(info.value)
@@ -34,7 +34,7 @@ def _raises(match, root, split="train", load=None):
 def test_valid_folder_reads_back(tmp_path):
     root = _make(tmp_path / "d")
     Image.open(root / "images" / "a.png").convert("L").save(root / "images" / "a.png")
-    ds = FolderDataset(root, "train")
+    ds = FolderSource(root, "train")
     assert ds.classes == ["background", "cat", "dog"]
     assert ds.palette.shape == (3, 3) and ds.palette.dtype == np.uint8
     assert len(ds) == 2 and ds.name(1) == "b"
@@ -56,7 +56,7 @@ def test_jpeg_images_and_palette_masks_by_index(tmp_path):
     pmask = Image.frombytes("P", (10, 12), ids.tobytes())
     pmask.putpalette([200, 10, 10] * 256)  # every index has the same colour: read indices
     pmask.save(root / "masks" / "a.png")
-    img, mask = FolderDataset(root, "train")[0]
+    img, mask = FolderSource(root, "train")[0]
     assert img.shape == (12, 10, 3)
     assert np.array_equal(mask, ids)
 
@@ -122,7 +122,7 @@ def test_label_values_out_of_range(tmp_path):
     assert "[3, 7]" in msg and "255" in msg
     mask[0, :3] = (2, 255, 1)  # 255 (ignore) alone is fine
     Image.fromarray(mask).save(root / "masks" / "a.png")
-    assert FolderDataset(root, "train")[0][1][0, 1] == 255
+    assert FolderSource(root, "train")[0][1][0, 1] == 255
 
 
 def test_duplicate_names_and_ambiguous_files(tmp_path):
@@ -138,3 +138,32 @@ def test_extension_in_split_file_gets_a_hint(tmp_path):
     root = _make(tmp_path / "d")
     (root / "splits" / "train.txt").write_text("a.png\n")
     _raises("without the extension", root)
+
+
+def test_incomplete_pairs_are_recorded_when_not_strict(tmp_path):
+    root = _make(tmp_path / "d", names=("a", "b", "c"))
+    (root / "images" / "b.png").unlink()
+    (root / "masks" / "c.png").unlink()
+    ds = FolderSource(root, "train", strict=False)
+    assert len(ds) == 1 and ds.name(0) == "a" and ds.label_path(0) == root / "masks" / "a.png"
+    assert [(p.kind, p.path.name) for p in ds.missing] == [
+        ("missing image", "b{.png,.jpg,.jpeg,.bmp,.tif,.tiff}"),
+        ("missing label", "c.png"),
+    ]
+    assert "add the mask or remove 'c' from the split file" in ds.missing[1].detail
+
+
+def test_image_extensions_any_case_and_the_shared_list(tmp_path):
+    from contrastseg.data import IMAGE_EXTENSIONS
+    from contrastseg.inference import expand_images
+
+    root = _make(tmp_path / "d", names=("a", "b"))
+    image = np.asarray(Image.open(root / "images" / "a.png"))
+    (root / "images" / "a.png").unlink()
+    Image.fromarray(image).save(root / "images" / "a.BMP")
+    (root / "images" / "b.png").rename(root / "images" / "b.TIF")
+    ds = FolderSource(root, "train")
+    assert [p.name for p in (ds.image_path(0), ds.image_path(1))] == ["a.BMP", "b.TIF"]
+    assert np.array_equal(ds[0][0], image)
+    assert IMAGE_EXTENSIONS == (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+    assert sorted(p.name for p in expand_images([root / "images"])) == ["a.BMP", "b.TIF"]

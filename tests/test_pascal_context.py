@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from contrastseg.data import PascalContextDataset
+from contrastseg.data import PascalContextSource
 from contrastseg.data.pascal_context import CONTEXT59_CLASSES, CONTEXT59_IDS_459, context59_from_459
 from contrastseg.errors import DataError
 
@@ -82,19 +82,19 @@ def make_context(root, splits=None):
 
 def test_samples_per_split_and_classes(tmp_path):
     root = make_context(tmp_path / "VOC2010")
-    assert len(PascalContextDataset(root, "train")) == 3
-    assert len(PascalContextDataset(root, "val")) == 2
-    ds = PascalContextDataset(root, "val")
+    assert len(PascalContextSource(root, "train")) == 3
+    assert len(PascalContextSource(root, "val")) == 2
+    ds = PascalContextSource(root, "val")
     assert ds.name(0) == "2010_000005"
     assert len(ds.classes) == 59 and ds.classes[0] == "aeroplane" and ds.classes[-1] == "wood"
     assert ds.palette.shape == (59, 3) and not (ds.palette == 0).all(1).any()
     with pytest.raises(DataError, match="SegmentationContext/test.txt is missing"):
-        PascalContextDataset(root, "test")
+        PascalContextSource(root, "test")
 
 
 def test_background_ignored_every_value_mapped(tmp_path):
     root = make_context(tmp_path / "VOC2010")
-    ds = PascalContextDataset(root, "train")
+    ds = PascalContextSource(root, "train")
     for i in range(len(ds)):
         raw = np.asarray(Image.open(ds.label_path(i)))
         assert set(np.unique(raw).tolist()) == set(VALUES)
@@ -107,7 +107,7 @@ def test_background_ignored_every_value_mapped(tmp_path):
 
 def test_image_and_label_aligned(tmp_path):
     root = make_context(tmp_path / "VOC2010")
-    ds = PascalContextDataset(root, "val")
+    ds = PascalContextSource(root, "val")
     colours = block_colours(VALUES)
     for i in range(len(ds)):
         image, mask = ds[i]
@@ -124,7 +124,7 @@ def test_unknown_value_names_the_file(tmp_path):
     raw[0, :3] = 60
     Image.fromarray(raw).save(path)
     with pytest.raises(DataError, match="2008_000003.png.*60"):
-        PascalContextDataset(root, "train")[1]
+        PascalContextSource(root, "train")[1]
 
 
 def test_459_to_59_conversion_every_id():
@@ -178,7 +178,7 @@ def test_prepare_script_on_fake_release(tmp_path, capsys):
         png = np.asarray(Image.open(voc / "SegmentationClassContext" / f"{name}.png"))
         assert np.array_equal(png, context59_from_459(label_map))
         assert png[0, :59].tolist() == list(range(1, 60))
-    ds = PascalContextDataset(voc, "val")
+    ds = PascalContextSource(voc, "val")
     assert len(ds) == 2 and ds[0][1].shape == (20, 64)
 
     labels[2] = "airplane"

@@ -3,7 +3,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from contrastseg.data import FolderDataset, SyntheticShapes
+from contrastseg.data import FolderSource, SyntheticShapes
 from contrastseg.errors import DataError
 
 # sha256 of image bytes + mask bytes of SyntheticShapes("train", ..., seed=0)[0] at the
@@ -95,7 +95,7 @@ def test_write_to_folder_round_trip(tmp_path):
     train.write_to_folder(tmp_path)
     val.write_to_folder(tmp_path)
     for source in (train, val):
-        folder = FolderDataset(tmp_path, source.split)
+        folder = FolderSource(tmp_path, source.split)
         assert folder.classes == source.classes
         assert np.array_equal(folder.palette, source.palette)
         assert len(folder) == len(source)

@@ -12,8 +12,13 @@ import torch
 from PIL import Image
 
 from contrastseg.config import ExperimentConfig
-from contrastseg.data import colorize, load_image
-from contrastseg.engine.builders import build_eval_dataset
+from contrastseg.data import (
+    IMAGE_EXTENSIONS,
+    build_eval_dataset,
+    colorize,
+    load_image,
+    normalize,
+)
 from contrastseg.engine.checkpoint import load_checkpoint
 from contrastseg.engine.evaluator import evaluate, format_table, write_eval_json
 from contrastseg.engine.runtime import resolve_device
@@ -22,8 +27,6 @@ from contrastseg.files import atomic_write
 from contrastseg.models import Segmentor, build_model
 
 log = logging.getLogger("contrastseg")
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
 def load_trained_model(
@@ -101,19 +104,12 @@ def _collect_images(inputs: list[Path]) -> tuple[list[Path], list[Path]]:
     missing: list[Path] = []
     for p in map(Path, inputs):
         if p.is_dir():
-            files += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            files += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
         elif p.is_file():
             files.append(p)
         else:
             missing.append(p)
     return files, missing
-
-
-def normalize_image(rgb: np.ndarray, mean, std) -> torch.Tensor:
-    """(H, W, 3) uint8 RGB -> (3, H, W) float32 ``(rgb / 255 - mean) / std``."""
-    mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return (torch.from_numpy(rgb).permute(2, 0, 1).float() / 255 - mean) / std
 
 
 # Written in this order, each atomically: an image whose mask exists is finished.
@@ -267,7 +263,7 @@ def predict(
     palette = np.asarray(state["palette"], dtype=np.uint8)
 
     def infer(rgb: np.ndarray) -> np.ndarray:
-        x = normalize_image(rgb, cfg.data.mean, cfg.data.std)[None].to(device)
+        x = normalize(rgb, cfg.data.mean, cfg.data.std)[None].to(device)
         return model.predict_logits(x).argmax(1)[0].cpu().numpy().astype(np.uint8)
 
     return predict_files(images, out_dir, infer, palette, alpha, strict, skip_existing)

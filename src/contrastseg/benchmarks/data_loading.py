@@ -2,7 +2,7 @@
 
 :func:`run_data_benchmark` writes a few synthetic images (2048x1024 by default) with label maps
 in the Cityscapes layout into a temporary folder, then reads them through the training pipeline
-(``CityscapesDataset`` -> ``SegmentationDataset`` with ``TrainTransform``: random scale 0.5-2.0,
+(``CityscapesSource`` -> ``SegmentationDataset`` with ``TrainTransform``: random scale 0.5-2.0,
 crop 512x1024, flip, jitter, normalise) with a ``DataLoader`` for each number of workers. The
 images are smooth colour fields with fine noise, so that their PNGs are about as large, and as
 slow to decode, as real street scenes (2-3 MB each at full size).
@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from contrastseg.data.cityscapes import CityscapesDataset
+from contrastseg.data.cityscapes import CityscapesSource
 from contrastseg.data.dataset import SegmentationDataset
 from contrastseg.data.transforms import TrainTransform
 
@@ -87,7 +87,7 @@ def run_data_benchmark(
     with tempfile.TemporaryDirectory(prefix="contrastseg-bench-data-") as tmp:
         root = Path(tmp)
         write_cityscapes_like(root, num_images, size, seed)
-        source = CityscapesDataset(root, "train")
+        source = CityscapesSource(root, "train")
         transform = TrainTransform(crop_size=crop, scale_range=(0.5, 2.0), flip=True, jitter=0.2)
         dataset = SegmentationDataset(source, transform, seed=seed)
 

@@ -3,27 +3,38 @@ layouts (Cityscapes, PASCAL-Context, COCO-Stuff, CamVid), integrity checks, join
 the torch Dataset.
 
 Images are (H, W, 3) uint8 RGB arrays, masks (H, W) uint8 train ids with 255 = ignore.
+``open_source(cfg.data, split)`` opens the source a config names (the data sets are registered
+in ``contrastseg.datasets_table``); every source that reads files is a ``PairedSource``.
 """
 
-from contrastseg.data.camvid import CAMVID_CLASSES, CamVidDataset
-from contrastseg.data.check import (
-    CheckReport,
-    PairedSource,
-    Problem,
-    check_source,
-    check_split,
-    format_report,
+from contrastseg.data.build import (
+    build_eval_dataset,
+    build_source,
+    build_train_dataset,
+    open_source,
+    source_class,
 )
+from contrastseg.data.camvid import CAMVID_CLASSES, CamVidSource
+from contrastseg.data.check import CheckReport, check_source, check_split, format_report
 from contrastseg.data.cityscapes import (
-    CityscapesDataset,
+    CityscapesSource,
     evaluate_with_cityscapesscripts,
     export_cityscapes_predictions,
 )
-from contrastseg.data.coco_stuff import CocoStuffDataset, load_mat_array
-from contrastseg.data.dataset import SOURCE_NAMES, SegmentationDataset, build_source, sample_seed
-from contrastseg.data.folder import FolderDataset, load_image, load_mask
+from contrastseg.data.coco_stuff import CocoStuffSource, load_mat_array
+from contrastseg.data.dataset import SegmentationDataset, Source, sample_seed
+from contrastseg.data.files import (
+    IGNORE_INDEX,
+    IMAGE_EXTENSIONS,
+    index_files,
+    load_image,
+    load_mask,
+    read_list,
+)
+from contrastseg.data.folder import FolderSource
+from contrastseg.data.paired import PairedSource, Problem, label_table, pair_files
 from contrastseg.data.palettes import colorize, default_palette
-from contrastseg.data.pascal_context import CONTEXT59_CLASSES, PascalContextDataset
+from contrastseg.data.pascal_context import CONTEXT59_CLASSES, PascalContextSource
 from contrastseg.data.synthetic import CLASSES as SYNTHETIC_CLASSES
 from contrastseg.data.synthetic import SyntheticShapes, render_sample
 from contrastseg.data.transforms import (
@@ -38,23 +49,27 @@ from contrastseg.data.transforms import (
 __all__ = [
     "CAMVID_CLASSES",
     "CONTEXT59_CLASSES",
+    "IGNORE_INDEX",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
-    "SOURCE_NAMES",
+    "IMAGE_EXTENSIONS",
     "SYNTHETIC_CLASSES",
-    "CamVidDataset",
+    "CamVidSource",
     "CheckReport",
-    "CityscapesDataset",
-    "CocoStuffDataset",
+    "CityscapesSource",
+    "CocoStuffSource",
     "EvalTransform",
-    "FolderDataset",
+    "FolderSource",
     "PairedSource",
-    "PascalContextDataset",
+    "PascalContextSource",
     "Problem",
     "SegmentationDataset",
+    "Source",
     "SyntheticShapes",
     "TrainTransform",
+    "build_eval_dataset",
     "build_source",
+    "build_train_dataset",
     "check_source",
     "check_split",
     "colorize",
@@ -63,10 +78,16 @@ __all__ = [
     "evaluate_with_cityscapesscripts",
     "export_cityscapes_predictions",
     "format_report",
+    "index_files",
+    "label_table",
     "load_image",
-    "load_mat_array",
     "load_mask",
+    "load_mat_array",
     "normalize",
+    "open_source",
+    "pair_files",
+    "read_list",
     "render_sample",
     "sample_seed",
+    "source_class",
 ]

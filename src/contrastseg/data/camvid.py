@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from contrastseg.data.check import IGNORE_INDEX, PairedSource, label_table
+from contrastseg.data.files import IGNORE_INDEX
+from contrastseg.data.paired import PairedSource, label_table
 from contrastseg.errors import DataError
 
 CAMVID_CLASSES: tuple[str, ...] = (
@@ -61,7 +62,7 @@ def camvid_label_table() -> np.ndarray:
     return label_table(mapping)
 
 
-class CamVidDataset(PairedSource):
+class CamVidSource(PairedSource):
     """One split of CamVid-11 (see the module docstring for the layout)."""
 
     dataset = "camvid"

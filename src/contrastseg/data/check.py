@@ -1,13 +1,7 @@
-"""Integrity of a data split: what the real data sets share, and the scan behind ``data check``.
+"""The scan behind ``contrastseg data check``: every file of a split, read and checked.
 
-``PairedSource`` is the base of the sources that read a benchmark in its publisher's layout
-(Cityscapes, PASCAL-Context, COCO-Stuff, CamVid): a list of (image file, label file) pairs and a
-lookup table from the raw ids stored in the label files to train ids (255 = ignore, -1 = an id
-the data set does not have). Building a source only lists files; when pairs are incomplete it
-raises ``DataError`` naming the first file (``strict=True``, what training uses) or records every
-incomplete pair in ``source.missing`` (``strict=False``, what the check uses).
-
-``check_source`` reads every pair and reports each problem with its kind, file and detail:
+``check_source`` reads every pair of a :class:`~contrastseg.data.paired.PairedSource` (a
+benchmark or a folder) and reports each problem with its kind, file and detail:
 
 ==============  ============================================================================
 kind            meaning
@@ -22,13 +16,12 @@ size mismatch   image and label map differ in width or height
 label values    raw label ids outside the data set's classes and special ids
 ==============  ============================================================================
 
-It also counts the pixels of every class (after mapping) for the class-frequency table.
+The missing files are those the source recorded when it was built with ``strict=False``. It
+also counts the pixels of every class (after mapping) for the class-frequency table.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,11 +30,14 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from contrastseg.data.folder import IMAGE_MODES, image_mode_problem, load_image, load_mask
-from contrastseg.data.indexing import check_index
+from contrastseg.data.build import open_source
+from contrastseg.data.files import IGNORE_INDEX, IMAGE_MODES, MASK_MODES, image_mode_problem
+from contrastseg.data.paired import PairedSource, Problem, describe_ids
+from contrastseg.datasets_table import DATA_SETS
 from contrastseg.errors import DataError
 
-IGNORE_INDEX = 255
+__all__ = ["PROBLEM_KINDS", "CheckReport", "check_source", "check_split", "format_report"]
+
 PROBLEM_KINDS = (
     "missing image",
     "missing label",
@@ -51,216 +47,6 @@ PROBLEM_KINDS = (
     "size mismatch",
     "label values",
 )
-_IMAGE_MODES = IMAGE_MODES  # what load_image accepts (and turns into RGB)
-_LABEL_MODES = ("L", "P", "1", "I", "I;16", "I;16B", "I;16L")
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One defect of a split: ``kind`` (one of ``PROBLEM_KINDS``), the file, what is wrong."""
-
-    kind: str
-    path: Path
-    detail: str
-
-
-def label_table(mapping: dict[int, int], size: int = 256) -> np.ndarray:
-    """A lookup table raw id -> train id (int16, ``size`` entries); ids not in ``mapping`` get -1
-    (unknown). Map an id to 255 to make it known but ignored."""
-    table = np.full(size, -1, dtype=np.int16)
-    for raw, train in mapping.items():
-        if not 0 <= raw < size:
-            raise DataError(f"raw label id {raw} does not fit a table of {size} entries")
-        if not (0 <= train < 255 or train == IGNORE_INDEX):
-            raise DataError(f"raw label id {raw} maps to {train}; train ids are 0..254 or 255")
-        table[raw] = train
-    return table
-
-
-def describe_ids(values: Iterable[int], limit: int = 10) -> str:
-    """``"3, 40, 41 ..."``: the first ``limit`` values."""
-    values = [int(v) for v in values]
-    return ", ".join(str(v) for v in values[:limit]) + (" ..." if len(values) > limit else "")
-
-
-def index_files(directory: Path, suffix: str) -> dict[str, Path]:
-    """Key (file name without ``suffix``) -> path, for the files directly in ``directory`` whose
-    names end with ``suffix`` (case-sensitive)."""
-    found: dict[str, Path] = {}
-    with os.scandir(directory) as entries:
-        for entry in entries:
-            if entry.name.endswith(suffix) and entry.is_file():
-                found[entry.name[: -len(suffix)]] = Path(entry.path)
-    return found
-
-
-def pair_files(
-    where: str,
-    images: dict[str, Path],
-    labels: dict[str, Path] | None,
-    image_for: Callable[[str], Path],
-    label_for: Callable[[str], Path],
-    names: list[str] | None = None,
-    strict: bool = True,
-) -> tuple[list[str], list[Path], list[Path | None], list[Problem]]:
-    """Match images and labels by key.
-
-    ``names`` (a split list) fixes the samples and their order; without it the samples are the
-    sorted union of both keys. ``labels=None`` means the split has no labels (images only).
-    Returns (names, image paths, label paths, problems); with ``strict`` a problem raises
-    ``DataError`` naming the first file instead.
-    """
-    keys = names if names is not None else sorted(set(images) | set(labels or {}))
-    out_names: list[str] = []
-    out_images: list[Path] = []
-    out_labels: list[Path | None] = []
-    problems: list[Problem] = []
-    for key in keys:
-        image = images.get(key)
-        label = labels.get(key) if labels is not None else None
-        if image is None:
-            if label is not None:
-                detail = f"label {label} has no image {image_for(key)}"
-                problems.append(Problem("missing image", image_for(key), detail))
-            else:
-                detail = f"sample {key!r} is listed but has no image {image_for(key)}"
-                problems.append(Problem("missing image", image_for(key), detail))
-                if labels is not None:
-                    detail = f"sample {key!r} is listed but has no label {label_for(key)}"
-                    problems.append(Problem("missing label", label_for(key), detail))
-            continue
-        if labels is not None and label is None:
-            detail = f"image {image} has no label {label_for(key)}"
-            problems.append(Problem("missing label", label_for(key), detail))
-            continue
-        out_names.append(key)
-        out_images.append(image)
-        out_labels.append(label)
-    if strict and problems:
-        more = len(problems) - 1
-        suffix = (
-            f" (and {more} more incomplete pair(s); `contrastseg data check CONFIG` lists them)"
-            if more
-            else ""
-        )
-        raise DataError(f"{where}: {problems[0].detail}{suffix}")
-    if not out_names and not problems:
-        raise DataError(
-            f"{where}: no samples found; check data.root and the split name against the "
-            "layout in docs/datasets.md"
-        )
-    return out_names, out_images, out_labels, problems
-
-
-class PairedSource:
-    """Base of the real data sets: listed (image, label) file pairs plus a raw-id lookup table.
-
-    Subclasses set ``dataset``, ``root``, ``split``, ``classes``, ``palette``, ``label_table``
-    (see :func:`label_table`) and ``label_ids`` (a phrase naming the valid raw ids, for
-    messages), then call ``_set_pairs``. ``self[i]`` is (image (H, W, 3) uint8 RGB, mask (H, W)
-    uint8 train ids, 255 = ignore); a split without labels gives masks that are all 255.
-    """
-
-    dataset = "paired"
-    label_ids = ""
-    classes: list[str]
-    palette: np.ndarray
-    label_table: np.ndarray
-
-    def _set_pairs(
-        self,
-        names: list[str],
-        images: list[Path],
-        labels: list[Path | None],
-        missing: list[Problem],
-    ) -> None:
-        self._names = names
-        self._images = images
-        self._labels = labels
-        self.missing = missing
-        table = np.asarray(self.label_table, dtype=np.int16)
-        self._lut = np.where(table < 0, IGNORE_INDEX, table).astype(np.uint8)
-        self._unknown = table < 0
-
-    def _pair_folders(
-        self,
-        where: str,
-        image_dir: Path,
-        image_ext: str,
-        label_dir: Path,
-        label_ext: str,
-        strict: bool,
-        names: list[str] | None = None,
-    ) -> None:
-        """Keep the pairs ``image_dir/NAME{image_ext}``, ``label_dir/NAME{label_ext}``: every
-        name found, or ``names`` in that order (see :func:`pair_files`)."""
-        self._set_pairs(
-            *pair_files(
-                where,
-                index_files(image_dir, image_ext),
-                index_files(label_dir, label_ext),
-                lambda n: image_dir / f"{n}{image_ext}",
-                lambda n: label_dir / f"{n}{label_ext}",
-                names=names,
-                strict=bool(strict),
-            )
-        )
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-    def _check_index(self, index: int) -> int:
-        return check_index(index, len(self._names))
-
-    def name(self, index: int) -> str:
-        return self._names[self._check_index(index)]
-
-    def image_path(self, index: int) -> Path:
-        return self._images[self._check_index(index)]
-
-    def label_path(self, index: int) -> Path | None:
-        """The label file of sample ``index``; None for a split without labels."""
-        return self._labels[self._check_index(index)]
-
-    def read_label_ids(self, path: Path) -> np.ndarray:
-        """The raw ids stored in a label file, (H, W) integers. PNG here; override for others."""
-        return load_mask(path)
-
-    def map_labels(self, raw: np.ndarray, path: Path | str) -> np.ndarray:
-        """Raw ids -> (H, W) uint8 train ids; ``DataError`` naming ``path`` for unknown ids."""
-        raw = np.asarray(raw)
-        if raw.dtype != np.uint8:
-            raw = raw.astype(np.int64)
-            outside = (raw < 0) | (raw >= len(self._lut))
-            if outside.any():
-                raise self._unknown_ids(np.unique(raw[outside]), path)
-        if self._unknown[raw].any():
-            raise self._unknown_ids(np.unique(raw[self._unknown[raw]]), path)
-        return self._lut[raw]
-
-    def _unknown_ids(self, values: np.ndarray, path: Path | str) -> DataError:
-        return DataError(
-            f"{path}: label values [{describe_ids(values)}] are not {self.dataset} label ids "
-            f"(valid: {self.label_ids})"
-        )
-
-    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        index = self._check_index(index)
-        image_path, label_path = self._images[index], self._labels[index]
-        image = load_image(image_path)
-        if label_path is None:
-            return image, np.full(image.shape[:2], IGNORE_INDEX, dtype=np.uint8)
-        mask = self.map_labels(self.read_label_ids(label_path), label_path)
-        if mask.shape != image.shape[:2]:
-            raise DataError(
-                f"{label_path}: label size {mask.shape[1]}x{mask.shape[0]} (WxH) differs from "
-                f"image {image_path} size {image.shape[1]}x{image.shape[0]}"
-            )
-        return image, mask
-
-
-# ---------------------------------------------------------------------------------------------
-# The scan
 
 
 @dataclass
@@ -367,20 +153,22 @@ def _decode_error_kind(exc: Exception) -> str:
     )
 
 
-def _check_one(source: Any, table: np.ndarray, index: int) -> tuple[list[Problem], np.ndarray]:
+def _check_one(
+    source: PairedSource, table: np.ndarray, index: int
+) -> tuple[list[Problem], np.ndarray]:
     """Problems of sample ``index`` and the histogram of its mapped label ids (256 bins)."""
     problems: list[Problem] = []
     counts = np.zeros(256, dtype=np.int64)
     image_path = Path(source.image_path(index))
-    label_path = _label_path(source, index)
-    image_size, _, problem = _open_checked(image_path, "image", _IMAGE_MODES)
+    label_path = source.label_path(index)
+    image_size, _, problem = _open_checked(image_path, "image", IMAGE_MODES)
     if problem:
         problems.append(problem)
     if label_path is None:
         return problems, counts
     label_path = Path(label_path)
     if label_path.suffix.lower() == ".png":
-        _, raw, problem = _open_checked(label_path, "label", _LABEL_MODES)
+        _, raw, problem = _open_checked(label_path, "label", MASK_MODES)
     else:
         try:
             raw, problem = source.read_label_ids(label_path), None
@@ -406,7 +194,7 @@ def _check_one(source: Any, table: np.ndarray, index: int) -> tuple[list[Problem
     unknown = mapped < 0
     if unknown.any():
         values = np.unique(raw[unknown])
-        valid = getattr(source, "label_ids", "") or f"0..{len(source.classes) - 1} and 255"
+        valid = source.label_ids or f"0..{len(source.classes) - 1} and 255"
         problems.append(
             Problem(
                 "label values",
@@ -419,36 +207,17 @@ def _check_one(source: Any, table: np.ndarray, index: int) -> tuple[list[Problem
     return problems, counts
 
 
-def _label_path(source: Any, index: int) -> Path | None:
-    if hasattr(source, "label_path"):
-        return source.label_path(index)
-    return source.mask_path(index)  # FolderDataset
-
-
-def _table_of(source: Any) -> np.ndarray:
-    table = getattr(source, "label_table", None)
-    if table is not None:
-        return np.asarray(table, dtype=np.int64)
-    identity = np.full(256, -1, dtype=np.int64)  # a folder data set stores train ids
-    identity[: len(source.classes)] = np.arange(len(source.classes))
-    identity[IGNORE_INDEX] = IGNORE_INDEX
-    return identity
-
-
 def check_source(
-    source: Any, split: str = "", limit: int | None = None, workers: int = 1
+    source: PairedSource, split: str = "", limit: int | None = None, workers: int = 1
 ) -> CheckReport:
     """Read every pair of ``source`` (the first ``limit``) and report the problems found, plus
     the incomplete pairs the source recorded when it was built (``source.missing``).
-
-    ``source`` is a ``PairedSource`` or a ``FolderDataset`` (anything with ``image_path(i)``,
-    ``label_path(i)`` or ``mask_path(i)``, ``classes``). ``workers`` threads decode in parallel.
-    """
-    if not (hasattr(source, "image_path") and hasattr(source, "classes")):
+    ``workers`` threads decode in parallel."""
+    if not isinstance(source, PairedSource):
         raise DataError(f"cannot check a {type(source).__name__}: it does not list image files")
-    table = _table_of(source)
+    table = np.asarray(source.label_table, dtype=np.int64)
     count = len(source) if limit is None else min(limit, len(source))
-    problems: list[Problem] = list(getattr(source, "missing", []))
+    problems: list[Problem] = list(source.missing)
     hist = np.zeros(256, dtype=np.int64)
     if workers > 1:
         with ThreadPoolExecutor(workers) as pool:
@@ -460,8 +229,8 @@ def check_source(
         hist += counts
     num_classes = len(source.classes)
     return CheckReport(
-        dataset=getattr(source, "dataset", type(source).__name__),
-        split=split or getattr(source, "split", ""),
+        dataset=source.dataset,
+        split=split or source.split,
         num_samples=count,
         classes=list(source.classes),
         pixel_counts=hist[:num_classes].copy(),
@@ -471,18 +240,13 @@ def check_source(
 
 
 def check_split(cfg: Any, split: str, limit: int | None = None, workers: int = 1) -> CheckReport:
-    """Build the source of ``split`` from a config's data section (``ExperimentConfig`` or
+    """Open the source of ``split`` from a config's data section (``ExperimentConfig`` or
     ``DataConfig``) without stopping at incomplete pairs, then :func:`check_source` it."""
-    from contrastseg.data.dataset import build_source
-    from contrastseg.engine.builders import source_kwargs
-
     data = getattr(cfg, "data", cfg)
-    if data.name == "synthetic":
-        raise DataError("data.name is 'synthetic': it is generated, there are no files to check")
-    kwargs = source_kwargs(data, split)
-    if data.name != "folder":
-        kwargs["strict"] = False
-    source = build_source(data.name, split, **kwargs)
+    entry = DATA_SETS.get(data.name)
+    if entry is not None and not entry.reads_root:
+        raise DataError(f"data.name is {data.name!r}: it is generated, there are no files to check")
+    source = open_source(data, split, strict=False)
     report = check_source(source, split=split, limit=limit, workers=workers)
     report.dataset = data.name
     return report

@@ -29,12 +29,17 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
-from contrastseg.data.check import IGNORE_INDEX, PairedSource, index_files, label_table, pair_files
+from contrastseg.data.files import IGNORE_INDEX, index_files
+from contrastseg.data.paired import PairedSource, label_table, pair_files
 from contrastseg.errors import DataError
+
+if TYPE_CHECKING:
+    from contrastseg.config import DataConfig
 
 SPLITS = ("train", "val", "test", "train_extra")
 _IMAGE_SUFFIX = "_leftImg8bit.png"
@@ -89,7 +94,7 @@ def train_to_label_ids() -> np.ndarray:
     return table
 
 
-class CityscapesDataset(PairedSource):
+class CityscapesSource(PairedSource):
     """One split of Cityscapes (see the module docstring for the layout and the label mapping).
 
     ``strict=False`` records incomplete pairs in ``self.missing`` instead of raising.
@@ -97,6 +102,10 @@ class CityscapesDataset(PairedSource):
 
     dataset = "cityscapes"
     label_ids = "the ids 0..33 of cityscapesscripts' label table, and 255 (license plate, -1)"
+
+    @classmethod
+    def options(cls, data: DataConfig, split: str) -> dict[str, Any]:
+        return {"root": data.root, "coarse": data.cityscapes_coarse}
 
     def __init__(self, root: Path, split: str, coarse: bool = False, strict: bool = True) -> None:
         root = Path(root)
@@ -198,7 +207,7 @@ def export_cityscapes_predictions(predictions, names: list[str], out_dir: Path) 
     Args:
         predictions: one (H, W) array or tensor of train ids (0..18; 255 is written as label
             id 0 'unlabeled', which the evaluator counts as a miss) per name.
-        names: ``<city>_<seq>_<frame>`` of each image (``CityscapesDataset.name(i)``).
+        names: ``<city>_<seq>_<frame>`` of each image (``CityscapesSource.name(i)``).
         out_dir: the results folder; files go to ``out_dir/<city>/<name>_leftImg8bit.png``.
     Returns:
         The written paths.

@@ -31,13 +31,17 @@ from __future__ import annotations
 import struct
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from contrastseg.data.check import IGNORE_INDEX, PairedSource, label_table
-from contrastseg.data.folder import _read_list
+from contrastseg.data.files import IGNORE_INDEX, read_list
+from contrastseg.data.paired import PairedSource, label_table
 from contrastseg.data.palettes import default_palette
 from contrastseg.errors import DataError
+
+if TYPE_CHECKING:
+    from contrastseg.config import DataConfig
 
 #: COCO-Stuff id -> name, for the 182 ids (labels.txt of the official release).
 # fmt: off
@@ -103,10 +107,14 @@ def coco_stuff_label_table(variant: str) -> np.ndarray:
     return label_table(mapping)
 
 
-class CocoStuffDataset(PairedSource):
+class CocoStuffSource(PairedSource):
     """One split of COCO-Stuff 10k or 164k (see the module docstring for the layouts)."""
 
     dataset = "coco_stuff"
+
+    @classmethod
+    def options(cls, data: DataConfig, split: str) -> dict[str, Any]:
+        return {"root": data.root, "variant": data.coco_split}
 
     def __init__(self, root: Path, split: str, variant: str = "10k", strict: bool = True) -> None:
         root = Path(root)
@@ -152,7 +160,7 @@ class CocoStuffDataset(PairedSource):
         list_file = root / "imageLists" / f"{SPLITS_10K[split]}.txt"
         if not list_file.is_file():
             raise DataError(f"{list_file} is missing; unpack cocostuff-10k-v1.1.zip into {root}")
-        names = _read_list(list_file)
+        names = read_list(list_file)
         if not names:
             raise DataError(f"{list_file} lists no images")
         image_dir, label_dir = root / "images", root / "annotations"
@@ -267,7 +275,7 @@ __all__ = [
     "COCO_STUFF_IDS",
     "COCO_STUFF_NAMES",
     "UNUSED_IDS",
-    "CocoStuffDataset",
+    "CocoStuffSource",
     "coco_id_to_train_id",
     "coco_stuff_label_table",
     "load_mat_array",

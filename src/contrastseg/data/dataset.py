@@ -1,39 +1,14 @@
-"""The torch Dataset the trainer iterates, and ``build_source`` to pick the raw data."""
+"""The torch Dataset the trainer iterates: a source (raw samples) and a joint transform."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from contrastseg.data.camvid import CamVidDataset
-from contrastseg.data.cityscapes import CityscapesDataset
-from contrastseg.data.coco_stuff import CocoStuffDataset
-from contrastseg.data.folder import FolderDataset
-from contrastseg.data.pascal_context import PascalContextDataset
-from contrastseg.data.synthetic import SyntheticShapes
 from contrastseg.errors import DataError
-
-SOURCE_NAMES = ("synthetic", "folder", "cityscapes", "pascal_context", "coco_stuff", "camvid")
-_SOURCE_KWARGS = {
-    "synthetic": ("num_samples", "image_size", "seed", "difficulty"),
-    "folder": ("root",),
-    "cityscapes": ("root", "coarse", "strict"),
-    "pascal_context": ("root", "strict"),
-    "coco_stuff": ("root", "variant", "strict"),
-    "camvid": ("root", "strict"),
-}
-_REQUIRED_KWARGS = {
-    "synthetic": ("num_samples",),
-    "folder": ("root",),
-    "cityscapes": ("root",),
-    "pascal_context": ("root",),
-    "coco_stuff": ("root",),
-    "camvid": ("root",),
-}
 
 
 class Source(Protocol):
@@ -109,33 +84,3 @@ class SegmentationDataset(Dataset):
         generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
         image_t, mask_t = self.transform(image, mask, generator)
         return {"image": image_t, "mask": mask_t, "index": index}
-
-
-def build_source(name: str, split: str, **kwargs: Any) -> Source:
-    """``"synthetic"`` -> SyntheticShapes(split, num_samples, image_size, seed, difficulty);
-    ``"folder"`` -> FolderDataset(root, split); ``"cityscapes"`` -> CityscapesDataset(root,
-    split, coarse, strict); ``"pascal_context"`` -> PascalContextDataset(root, split, strict);
-    ``"coco_stuff"`` -> CocoStuffDataset(root, split, variant, strict); ``"camvid"`` ->
-    CamVidDataset(root, split, strict). ``strict=False`` records incomplete pairs in
-    ``source.missing`` instead of raising (what ``data check`` uses)."""
-    if name not in SOURCE_NAMES:
-        raise DataError(f"unknown data source {name!r}; choose one of {list(SOURCE_NAMES)}")
-    allowed = _SOURCE_KWARGS[name]
-    unknown = sorted(set(kwargs) - set(allowed))
-    if unknown:
-        raise DataError(f"data source {name!r} does not take {unknown}; it takes {list(allowed)}")
-    missing = [k for k in _REQUIRED_KWARGS[name] if kwargs.get(k) is None]
-    if missing:
-        raise DataError(f"data source {name!r} needs {missing}")
-    if name == "synthetic":
-        return SyntheticShapes(split, **kwargs)
-    if name == "folder":
-        return FolderDataset(Path(kwargs["root"]), split)
-    classes = {
-        "cityscapes": CityscapesDataset,
-        "pascal_context": PascalContextDataset,
-        "coco_stuff": CocoStuffDataset,
-        "camvid": CamVidDataset,
-    }
-    root = Path(kwargs.pop("root"))
-    return classes[name](root, split, **{k: v for k, v in kwargs.items() if v is not None})

@@ -1,4 +1,4 @@
-"""Index checking shared by the file-backed sources."""
+"""Sample-index checking shared by the sources."""
 
 from __future__ import annotations
 

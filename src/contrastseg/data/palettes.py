@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from contrastseg.data.files import IGNORE_INDEX
 from contrastseg.errors import DataError
 
 IGNORE_COLOR = (255, 255, 255)
@@ -33,7 +34,7 @@ def default_palette(num_classes: int) -> np.ndarray:
     return palette
 
 
-def colorize(mask: np.ndarray, palette: np.ndarray, ignore_index: int = 255) -> np.ndarray:
+def colorize(mask: np.ndarray, palette: np.ndarray, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
     """Map a ``(H, W)`` mask of class ids to ``(H, W, 3)`` uint8 colours; ignore is white."""
     mask = np.asarray(mask)
     palette = np.asarray(palette, dtype=np.uint8)

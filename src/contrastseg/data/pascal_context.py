@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from contrastseg.data.check import IGNORE_INDEX, PairedSource, label_table
-from contrastseg.data.folder import _read_list
+from contrastseg.data.files import IGNORE_INDEX, read_list
+from contrastseg.data.paired import PairedSource, label_table
 from contrastseg.data.palettes import default_palette
 from contrastseg.errors import DataError
 
@@ -126,7 +126,7 @@ def context_label_table() -> np.ndarray:
     return label_table(mapping)
 
 
-class PascalContextDataset(PairedSource):
+class PascalContextSource(PairedSource):
     """One split (``train`` or ``val``) of PASCAL-Context 59 (see the module docstring)."""
 
     dataset = "pascal_context"
@@ -151,7 +151,7 @@ class PascalContextDataset(PairedSource):
                 f"split file {list_file} is missing (available: {available or 'none'}); "
                 f"scripts/prepare_pascal_context.py writes train.txt and val.txt"
             )
-        names = _read_list(list_file)
+        names = read_list(list_file)
         if not names:
             raise DataError(f"{list_file} lists no images")
         image_dir, label_dir = root / "JPEGImages", root / "SegmentationClassContext"

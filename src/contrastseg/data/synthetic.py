@@ -45,12 +45,17 @@ import math
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
+from contrastseg.data.indexing import check_index
 from contrastseg.data.palettes import default_palette
 from contrastseg.errors import DataError
+
+if TYPE_CHECKING:
+    from contrastseg.config import DataConfig
 
 CLASSES: tuple[str, ...] = (
     "background",
@@ -307,6 +312,19 @@ def render_sample(
 class SyntheticShapes:
     """Procedural shapes data set; ``self[i]`` is (image (H, W, 3) uint8, mask (H, W) uint8)."""
 
+    dataset = "synthetic"
+
+    @classmethod
+    def options(cls, data: DataConfig, split: str) -> dict[str, Any]:
+        """The keyword arguments (besides ``split``) that a config's data section gives: the
+        train split has ``data.train_size`` samples, any other ``data.val_size``."""
+        return {
+            "num_samples": data.train_size if split == data.train_split else data.val_size,
+            "image_size": tuple(data.image_size),
+            "seed": data.seed,
+            "difficulty": data.difficulty,
+        }
+
     def __init__(
         self,
         split: str,
@@ -346,14 +364,7 @@ class SyntheticShapes:
         return self.num_samples
 
     def _check_index(self, index: int) -> int:
-        if isinstance(index, bool) or not isinstance(index, int | np.integer):
-            raise TypeError(f"sample index must be an integer, got {type(index).__name__}")
-        index = int(index)
-        if index < 0:
-            index += self.num_samples
-        if not 0 <= index < self.num_samples:
-            raise IndexError(f"sample index {index} out of range for {self.num_samples} samples")
-        return index
+        return check_index(index, self.num_samples)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         index = self._check_index(index)
@@ -364,7 +375,7 @@ class SyntheticShapes:
         return f"{self.split}_{self._check_index(index):06d}"
 
     def write_to_folder(self, root: Path) -> None:
-        """Write this split in the folder layout that ``FolderDataset`` reads.
+        """Write this split in the folder layout that ``FolderSource`` reads.
 
         Writes ``images/<name>.png``, ``masks/<name>.png``, ``splits/<split>.txt`` and
         ``classes.txt``; several splits may be written into the same ``root``.

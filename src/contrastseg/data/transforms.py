@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from contrastseg.data.files import IGNORE_INDEX
 from contrastseg.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -45,8 +46,8 @@ def _to_tensors(
     _check_pair(image, mask)
     img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
     msk = torch.from_numpy(np.asarray(mask).astype(np.int64))
-    if ignore_index != 255:
-        msk[msk == 255] = ignore_index
+    if ignore_index != IGNORE_INDEX:
+        msk[msk == IGNORE_INDEX] = ignore_index
     return img, msk
 
 
@@ -125,7 +126,7 @@ class TrainTransform:
         jitter: float = 0.2,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
-        ignore_index: int = 255,
+        ignore_index: int = IGNORE_INDEX,
     ) -> None:
         try:
             ch, cw = (int(v) for v in crop_size)
@@ -201,7 +202,7 @@ class EvalTransform:
         self,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
-        ignore_index: int = 255,
+        ignore_index: int = IGNORE_INDEX,
     ) -> None:
         self.mean = _stats(mean, "mean")
         self.std = _stats(std, "std")

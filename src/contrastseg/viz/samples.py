@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from contrastseg.config import DataConfig
-from contrastseg.data import build_source, load_image, load_mask
-from contrastseg.engine.builders import source_kwargs
+from contrastseg.data import PairedSource, load_image, load_mask, open_source
 from contrastseg.errors import DataError
 
 
@@ -42,8 +41,7 @@ def parse_indices(text: str) -> list[int]:
 
 def open_split(data: DataConfig, split: str | None = None):
     """The raw source (image, mask pairs) of ``split`` (default ``data.val_split``)."""
-    split = split or data.val_split
-    return build_source(data.name, split, **source_kwargs(data, split))
+    return open_source(data, split or data.val_split)
 
 
 def split_samples(data: DataConfig, indices: list[int], split: str | None = None):
@@ -82,7 +80,7 @@ def _masks_from_folder(images: list[Path], masks: Path, num_classes: int):
 def _masks_from_split(images: list[Path], data: DataConfig, split: str | None):
     split = split or data.val_split
     source = open_split(data, split)
-    if not hasattr(source, "image_path"):
+    if not isinstance(source, PairedSource):
         raise DataError(
             f"data set {data.name!r} has no image files to match {images[0]} against; pass "
             f"--masks FOLDER, or leave out the images and pick samples with --indices"
