@@ -21,7 +21,7 @@ from contrastseg.models.segmentor import InferenceModel, build_model, count_para
 
 HEAD_DESCRIPTIONS = {
     "deeplabv3": "DeepLabV3: ASPP (rates 12/24/36) on the last stage + FCN auxiliary head",
-    "hrnetv2": "HRNetV2: branches concatenated at stride 4, 1x1 conv-BN-ReLU, classifier",
+    "hrnetv2": "HRNetV2: branches concatenated at stride 4, conv-BN-ReLU, classifier",
     "ocr": "OCR: soft object regions (aux), region representations, pixel-region attention",
 }
 
