@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from contrastseg.config import EvalConfig
-from contrastseg.engine.test_time import _starts, infer_probs, slide_logits
+from contrastseg.engine.inference_modes import _starts, infer_probs, slide_logits
 
 
 class Conv(nn.Module):

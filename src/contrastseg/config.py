@@ -195,10 +195,10 @@ class MemoryConfig(_Section):
     pixels_per_image: int = Field(10, ge=1)
     region_mode: Literal["fifo", "per_image", "none"] = "fifo"
     region_size: int = Field(5000, ge=1)
-    dtype: Literal["float32", "float16"] = "float32"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     sampling: Literal["all", "random", "hardest", "semi_hard"] = "all"
-    k_pos: int = Field(1024, ge=1)
-    k_neg: int = Field(2048, ge=1)
+    k_pos: int = Field(1024, ge=0)  # 0: no memory positives (the in-batch ones remain)
+    k_neg: int = Field(2048, ge=0)
     semi_hard_fraction: float = Field(0.1, gt=0.0, le=1.0)
 
 

@@ -154,7 +154,8 @@ def run_loss_benchmark(
     repeats: int = 3,
     dtype: torch.dtype = torch.float32,
 ) -> list[dict]:
-    """Forward + backward time of :class:`PixelContrast` on embeddings (no memory) vs the loop version.
+    """Forward + backward time of :class:`PixelContrast` on embeddings (no memory) vs the loop
+    version.
 
     Returns one row per (batch, grid): ``batch``, ``grid`` (``"hxw"``), ``ms_vectorised``,
     ``ms_loop`` (medians of ``repeats`` after one warm-up, the two alternating) and

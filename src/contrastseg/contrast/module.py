@@ -25,14 +25,13 @@ from contrastseg.contrast.memory import ClassMemory
 from contrastseg.contrast.projection import ProjectionHead
 from contrastseg.contrast.sampling import sample_anchors
 from contrastseg.errors import ConfigError
+from contrastseg.precision import MEMORY_DTYPES
 from contrastseg.randomness import LazyGenerator, SeededModule
 
 if TYPE_CHECKING:
     from contrastseg.config import ContrastConfig, ModelConfig
 
 __all__ = ["ContrastDiagnostics", "PixelContrast"]
-
-_MEMORY_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -206,7 +205,7 @@ class PixelContrast(SeededModule):
             region_mode=mem.region_mode,
             region_size=mem.region_size,
             num_images=num_images,
-            memory_dtype=_MEMORY_DTYPES[mem.dtype],
+            memory_dtype=MEMORY_DTYPES[mem.dtype],
             memory_sampling=mem.sampling,
             k_pos=mem.k_pos,
             k_neg=mem.k_neg,

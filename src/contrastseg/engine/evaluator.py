@@ -1,4 +1,5 @@
-"""Whole-image evaluation: confusion matrix on the device, metrics, the printed table."""
+"""Evaluation over a data set (whole image, sliding window, scales and flip, as
+``eval`` configures): confusion matrix on the device, metrics, the printed table."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from torch.utils.data import DataLoader, Subset
 
 from contrastseg.config import EvalConfig
 from contrastseg.distributed import all_reduce_sum
+from contrastseg.engine.inference_modes import infer_probs
 from contrastseg.engine.metrics import ConfusionMatrix
-from contrastseg.engine.test_time import infer_probs
 from contrastseg.models import Segmentor
 
 
@@ -36,19 +37,19 @@ def evaluate(
     batch_size: int = 8,
     num_workers: int = 0,
     keep: int = 0,
-    mode: EvalConfig | None = None,
+    eval_cfg: EvalConfig | None = None,
     rank: int = 0,
     world_size: int = 1,
 ) -> tuple[dict, list[dict]]:
-    """Evaluation over a dataset; ``mode`` (default: single-scale whole image) chooses sliding
-    window, scales and flip.
+    """Evaluation over a dataset; ``eval_cfg`` (default: single-scale whole image) chooses
+    sliding window, scales and flip.
 
     Returns the metrics (see :func:`metrics_from_confusion`) and, for the first ``keep`` images,
     ``{"index", "image" (3,H,W), "mask" (H,W), "pred" (H,W)}`` on the CPU for figures.
     With ``world_size > 1`` process ``rank`` evaluates images ``rank, rank + world_size, ...``
     (no padding, so every image counts exactly once) and the confusion matrices are summed.
     """
-    mode = mode or EvalConfig()
+    eval_cfg = eval_cfg or EvalConfig()
     dtype = next(model.parameters()).dtype
     was_training = model.training
     model.eval()
@@ -68,7 +69,7 @@ def evaluate(
             groups = [(batch["image"], batch["mask"], batch["index"])]
         for image, mask, index in groups:
             image, mask = image.to(device, dtype=dtype), mask.to(device)
-            pred = infer_probs(model, image, mode).argmax(1)
+            pred = infer_probs(model, image, eval_cfg).argmax(1)
             cm.update(pred, mask)
             for j in range(image.shape[0]):
                 if len(kept) < keep:

@@ -35,6 +35,7 @@ from contrastseg.errors import CheckpointError, ConfigError, TrainingError, Trai
 from contrastseg.losses import LossSet
 from contrastseg.losses.loss_set import labelled_pixels_per_process
 from contrastseg.models import build_model
+from contrastseg.precision import AMP_DTYPES
 
 log = logging.getLogger("contrastseg")
 
@@ -150,7 +151,7 @@ class Trainer:
             weight_decay=cfg.optim.weight_decay,
         )
         amp = cfg.train.amp
-        self.amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+        self.amp_dtype = AMP_DTYPES[amp]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
         if cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -448,7 +449,7 @@ class Trainer:
             cfg.eval.batch_size,
             cfg.data.num_workers,
             keep=keep,
-            mode=cfg.eval,
+            eval_cfg=cfg.eval,
             rank=self.dist.rank,
             world_size=self.dist.world_size,
         )
