@@ -23,7 +23,7 @@ from contrastseg.data.cityscapes import (
 )
 from contrastseg.data.coco_stuff import CocoStuffSource, load_mat_array
 from contrastseg.data.dataset import SegmentationDataset, Source, sample_seed
-from contrastseg.data.files import (
+from contrastseg.data.fileio import (
     IGNORE_INDEX,
     IMAGE_EXTENSIONS,
     index_files,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from contrastseg.data.files import IGNORE_INDEX
+from contrastseg.data.fileio import IGNORE_INDEX
 from contrastseg.data.paired import PairedSource, label_table
 from contrastseg.errors import DataError
 

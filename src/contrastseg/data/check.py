@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from contrastseg.data.build import open_source
-from contrastseg.data.files import IGNORE_INDEX, IMAGE_MODES, MASK_MODES, image_mode_problem
+from contrastseg.data.fileio import IGNORE_INDEX, IMAGE_MODES, MASK_MODES, image_mode_problem
 from contrastseg.data.paired import PairedSource, Problem, describe_ids
 from contrastseg.datasets_table import DATA_SETS
 from contrastseg.errors import DataError

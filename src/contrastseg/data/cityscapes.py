@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from contrastseg.data.files import IGNORE_INDEX, index_files
+from contrastseg.data.fileio import IGNORE_INDEX, index_files
 from contrastseg.data.paired import PairedSource, label_table, pair_files
 from contrastseg.errors import DataError
 

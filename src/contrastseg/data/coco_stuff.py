@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from contrastseg.data.files import IGNORE_INDEX, read_list
+from contrastseg.data.fileio import IGNORE_INDEX, read_list
 from contrastseg.data.paired import PairedSource, label_table
 from contrastseg.data.palettes import default_palette
 from contrastseg.errors import DataError

@@ -10,7 +10,7 @@ Layout::
 
 Blank lines and ``#`` comments (to the end of the line) are ignored in both text files.
 Extensions are matched without regard to case; two images of one name (``a.png`` and ``a.jpg``)
-are refused. The image and mask modes accepted are those of :mod:`contrastseg.data.files`.
+are refused. The image and mask modes accepted are those of :mod:`contrastseg.data.fileio`.
 Label values are checked when a sample is loaded.
 
 A folder is a :class:`~contrastseg.data.paired.PairedSource` whose masks store train ids (an
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from contrastseg.data.files import IMAGE_EXTENSIONS, load_mask, read_list
+from contrastseg.data.fileio import IMAGE_EXTENSIONS, load_mask, read_list
 from contrastseg.data.paired import PairedSource, identity_label_table
 from contrastseg.data.palettes import default_palette
 from contrastseg.errors import DataError

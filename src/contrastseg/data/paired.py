@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from contrastseg.data.files import IGNORE_INDEX, index_files, load_image, load_mask
+from contrastseg.data.fileio import IGNORE_INDEX, index_files, load_image, load_mask
 from contrastseg.data.indexing import check_index
 from contrastseg.errors import DataError
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from contrastseg.data.files import IGNORE_INDEX
+from contrastseg.data.fileio import IGNORE_INDEX
 from contrastseg.errors import DataError
 
 IGNORE_COLOR = (255, 255, 255)

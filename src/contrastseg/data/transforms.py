@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from contrastseg.data.files import IGNORE_INDEX
+from contrastseg.data.fileio import IGNORE_INDEX
 from contrastseg.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
