@@ -37,7 +37,16 @@ def init_distributed(device_type: str) -> DistContext:
     if not dist.is_initialized():
         if device_type == "cuda":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is None:
+            dist.init_process_group(backend)
+        else:
+            # torchrun keeps one store across the restarts of a group: the keys of each attempt
+            # get their own prefix, so a restarted process never reads a dead one's address.
+            store, _, _ = next(dist.rendezvous("env://"))
+            store = dist.PrefixStore(f"attempt_{attempt}", store)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world)
     return DistContext(rank, world, local_rank)
 
 
