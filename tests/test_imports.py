@@ -12,11 +12,20 @@ PACKAGE = SRC / "contrastseg"
 
 # Bottom to top. A module's floor is that of its first name under contrastseg.
 FLOORS: list[set[str]] = [
-    {"errors", "files", "checks", "randomness", "precision", "distributed", "datasets_table"},
+    {
+        "errors",
+        "files",
+        "checks",
+        "randomness",
+        "precision",
+        "distributed",
+        "datasets_table",
+        "model_table",
+    },
     {"config"},
     {"data", "models", "losses", "contrast"},
-    {"engine", "rundir", "inference", "onnx_predict"},
-    {"viz", "report", "export", "convert", "benchmarks", "workflow"},
+    {"engine", "rundir", "inference"},
+    {"viz", "report", "export", "onnx_predict", "convert", "benchmarks", "workflow"},
     {"cli", "__main__"},
 ]
 FLOOR_OF = {name: level for level, names in enumerate(FLOORS) for name in names}

@@ -14,10 +14,10 @@ import torch
 from contrastseg.config import ModelConfig, load_config
 from contrastseg.contrast import PixelContrast
 from contrastseg.errors import CheckpointError, ConfigError
+from contrastseg.model_table import TABLE1
 from contrastseg.models import InferenceModel, build_model, count_parameters
 from contrastseg.models.backbones import TimmBackbone, load_backbone_weights
 from contrastseg.models.summary import (
-    TABLE1,
     architectures,
     format_models,
     format_summary,

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from contrastseg.datasets_table import DATA_SET_NAMES, DATA_SETS
 from contrastseg.errors import ConfigError
+from contrastseg.model_table import BACKBONE_NAMES
 
 
 class _Section(BaseModel):
@@ -64,18 +65,6 @@ class DataConfig(_Section):
         if min(self.std) <= 0:
             raise ValueError(f"data.std must be positive, got {self.std}")
         return self
-
-
-# The backbones of the project's model zoo (contrastseg.models.backbones.BACKBONES).
-BACKBONE_NAMES = (
-    "mobilenetv3_large",
-    "mobilenetv2",
-    "mobilenetv1",
-    "resnet101",
-    "resnet101_deep",
-    "hrnetv2_w48",
-    "hrnetv2_w18_small",
-)
 
 
 class BackboneConfig(_Section):

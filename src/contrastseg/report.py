@@ -23,6 +23,7 @@ from typing import Any
 from contrastseg.config import ExperimentConfig
 from contrastseg.datasets_table import DATA_SETS
 from contrastseg.errors import ContrastSegError
+from contrastseg.model_table import BACKBONES, HEADS
 from contrastseg.rundir import RunRecord
 
 __all__ = [
@@ -45,16 +46,6 @@ __all__ = [
     "write_report",
 ]
 
-MODELS = {"deeplabv3": "DeepLabV3", "hrnetv2": "HRNetV2", "ocr": "OCR"}
-BACKBONES = {
-    "mobilenetv1": "MobileNet-V1",
-    "mobilenetv2": "MobileNet-V2",
-    "mobilenetv3_large": "MobileNet-V3",
-    "resnet101": "ResNet-101",
-    "resnet101_deep": "D-ResNet-101",
-    "hrnetv2_w18_small": "HRNetV2-W18-Small",
-    "hrnetv2_w48": "HRNetV2-W48",
-}
 # Loss terms beyond CE, in the order of the supplement's Table 2 rows.
 EXTRA_TERMS = ("aaf", "rmi", "lovasz", "contrast")
 TERM_NAMES = {"aaf": "AAF", "rmi": "RMI", "lovasz": "Lovász", "contrast": "Contrastive"}
@@ -138,7 +129,8 @@ def dataset_label(cfg: ExperimentConfig, split: str) -> str:
 
 def _backbone(cfg: ExperimentConfig) -> str:
     b = cfg.model.backbone
-    name = BACKBONES.get(b.name, b.name)  # a timm:<model> backbone shows its own name
+    entry = BACKBONES.get(b.name)  # a timm:<model> backbone shows its own name
+    name = entry.display if entry else b.name
     return name if b.is_hrnet or b.output_stride == 8 else f"{name} (OS {b.output_stride})"
 
 
@@ -147,8 +139,10 @@ def _group_key(run: RunRecord) -> tuple:
     m = run.cfg.model
     return (
         dataset_label(run.cfg, run.split),
-        list(MODELS).index(m.head),
-        list(BACKBONES).index(m.backbone.name),
+        list(HEADS).index(m.head),
+        (list(BACKBONES).index(m.backbone.name), "")
+        if m.backbone.name in BACKBONES
+        else (len(BACKBONES), m.backbone.name),
         m.backbone.output_stride,
     )
 
@@ -361,7 +355,7 @@ def table1_rows(runs: list[RunRecord]) -> list[Table1Row]:
     for group in groups:
         cfg = group.first.cfg
         contrast = bool(group.terms)
-        model = MODELS[cfg.model.head] + (" + Ours" if contrast else "")
+        model = HEADS[cfg.model.head] + (" + Ours" if contrast else "")
         name = f"{model}, {_backbone(cfg)}"
         base = bases.get(_group_key(group.first)) if contrast else None
         notes = [_within_note(group, name)]
@@ -409,7 +403,7 @@ def table2_rows(runs: list[RunRecord]) -> list[Table2Row]:
     for group in groups:
         cfg = group.first.cfg
         loss, kind, context = _loss_columns(group.terms)
-        model, backbone = MODELS[cfg.model.head], _backbone(cfg)
+        model, backbone = HEADS[cfg.model.head], _backbone(cfg)
         note = _within_note(group, f"{loss}, {_table2_backbone(model, backbone)}")
         rows.append(
             Table2Row(

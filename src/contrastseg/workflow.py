@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from contrastseg.config import ExperimentConfig
 from contrastseg.engine.trainer import Trainer, TrainResult
-from contrastseg.viz.figures import save_prediction_figure
+from contrastseg.viz import save_prediction_figure
 
 __all__ = ["train"]
 

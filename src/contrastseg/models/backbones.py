@@ -6,7 +6,6 @@ their four raw branches (strides 4, 8, 16, 32), not timm's classification ("incr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import timm
@@ -14,60 +13,7 @@ import torch
 from torch import nn
 
 from contrastseg.errors import CheckpointError, ConfigError
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """How one of our backbone names maps onto timm.
-
-    ``head_prefixes``: state-dict prefixes of timm's classification head, which a feature
-    extractor lacks; they are dropped when a classification checkpoint is loaded.
-    """
-
-    timm_name: str
-    hrnet: bool
-    head_prefixes: tuple[str, ...]
-    description: str
-
-
-BACKBONES: dict[str, BackboneSpec] = {
-    "mobilenetv1": BackboneSpec(
-        "mobilenetv1_100", False, ("classifier.",), "MobileNet V1 (width 1.0), dilated"
-    ),
-    "mobilenetv2": BackboneSpec(
-        "mobilenetv2_100",
-        False,
-        ("conv_head.", "bn2.", "classifier."),
-        "MobileNet V2 (width 1.0), dilated",
-    ),
-    "mobilenetv3_large": BackboneSpec(
-        "mobilenetv3_large_100",
-        False,
-        ("conv_head.", "classifier."),
-        "MobileNet V3-Large (width 1.0), dilated",
-    ),
-    "resnet101": BackboneSpec(
-        "resnet101", False, ("fc.",), "ResNet-101, 7x7 stem (torchvision layout), dilated"
-    ),
-    "resnet101_deep": BackboneSpec(
-        "resnet101s",
-        False,
-        ("fc.",),
-        "D-ResNet-101: deep stem of three 3x3 convs (64-64-128, no avg-down), dilated",
-    ),
-    "hrnetv2_w48": BackboneSpec(
-        "hrnet_w48",
-        True,
-        ("incre_modules.", "downsamp_modules.", "final_layer.", "classifier."),
-        "HRNetV2-W48, four branches 48/96/192/384 at strides 4-32",
-    ),
-    "hrnetv2_w18_small": BackboneSpec(
-        "hrnet_w18_small",
-        True,
-        ("incre_modules.", "downsamp_modules.", "final_layer.", "classifier."),
-        "HRNetV2-W18-Small (v1), four branches 16/32/64/128 at strides 4-32",
-    ),
-}
+from contrastseg.model_table import BACKBONES, BackboneEntry
 
 # ``model.backbone.name: "timm:<model>"`` takes any timm model that gives feature maps.
 TIMM_PREFIX = "timm:"
@@ -75,13 +21,15 @@ TIMM_PREFIX = "timm:"
 _TIMM_HEAD_PREFIXES = ("fc.", "classifier.", "head.", "head_fc.", "conv_head.", "bn2.", "norm.")
 
 
-def backbone_spec(name: str) -> BackboneSpec:
+def backbone_spec(name: str) -> BackboneEntry:
     """The spec of one of the project's backbone names or of ``timm:<model>``."""
     if name in BACKBONES:
         return BACKBONES[name]
     if name.startswith(TIMM_PREFIX) and len(name) > len(TIMM_PREFIX):
         timm_name = name[len(TIMM_PREFIX) :]
-        return BackboneSpec(timm_name, False, _TIMM_HEAD_PREFIXES, f"timm {timm_name}")
+        return BackboneEntry(
+            name, timm_name, False, _TIMM_HEAD_PREFIXES, f"timm {timm_name}", timm_name
+        )
     raise ConfigError(
         f"model.backbone.name = {name!r}: allowed values are {sorted(BACKBONES)} or "
         "'timm:<model>' for any timm model with features_only (e.g. 'timm:convnext_tiny')"

@@ -16,24 +16,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from contrastseg.config import ModelConfig
 from contrastseg.contrast import ProjectionHead
-from contrastseg.models.backbones import BACKBONES
+from contrastseg.model_table import BACKBONES, TABLE1
 from contrastseg.models.segmentor import InferenceModel, build_model, count_parameters
 
 HEAD_DESCRIPTIONS = {
     "deeplabv3": "DeepLabV3: ASPP (rates 12/24/36) on the last stage + FCN auxiliary head",
     "hrnetv2": "HRNetV2: branches concatenated at stride 4, conv-BN-ReLU, classifier",
     "ocr": "OCR: soft object regions (aux), region representations, pixel-region attention",
-}
-
-# The rows of Table 1 of the supplement: config stem -> (backbone, head).
-TABLE1 = {
-    "deeplabv3_mobilenetv1": ("mobilenetv1", "deeplabv3"),
-    "deeplabv3_mobilenetv2": ("mobilenetv2", "deeplabv3"),
-    "deeplabv3_mobilenetv3": ("mobilenetv3_large", "deeplabv3"),
-    "deeplabv3_resnet101": ("resnet101_deep", "deeplabv3"),
-    "hrnetv2_w48": ("hrnetv2_w48", "hrnetv2"),
-    "ocr_resnet101": ("resnet101_deep", "ocr"),
-    "ocr_hrnetv2_w48": ("hrnetv2_w48", "ocr"),
 }
 
 
