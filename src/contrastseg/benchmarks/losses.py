@@ -15,11 +15,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from contrastseg.benchmarks.timing import interleaved_median_ms
-from contrastseg.losses.aaf import AAFLoss
-from contrastseg.losses.cross_entropy import cross_entropy
-from contrastseg.losses.lovasz import lovasz_softmax
-from contrastseg.losses.ohem import ohem_cross_entropy
-from contrastseg.losses.rmi import rmi_loss
+from contrastseg.losses import (
+    AAFLoss,
+    cross_entropy,
+    lovasz_softmax,
+    ohem_cross_entropy,
+    rmi_loss,
+)
 
 __all__ = ["format_losses_benchmark", "make_losses_batch", "run_losses_benchmark"]
 

@@ -32,8 +32,7 @@ from contrastseg.engine.runtime import environment_info, resolve_device, seed_ev
 from contrastseg.engine.sampling import EpochIndexed, IterationBatchSampler
 from contrastseg.engine.signals import StopSignal
 from contrastseg.errors import CheckpointError, ConfigError, TrainingError, TrainingInterrupted
-from contrastseg.losses import LossSet
-from contrastseg.losses.loss_set import labelled_pixels_per_process
+from contrastseg.losses import LossSet, labelled_pixels_per_process
 from contrastseg.models import build_model
 from contrastseg.precision import AMP_DTYPES
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from contrastseg.distributed import all_reduce_sum, is_distributed
 from contrastseg.errors import ConfigError
 
 
@@ -45,3 +46,18 @@ def cross_entropy(
     if isinstance(normalizer, torch.Tensor):
         return total / normalizer.clamp(min=1)
     return total / max(normalizer, 1e-12)
+
+
+def labelled_pixels_per_process(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Labelled pixels of ``target`` summed over every process, / world size (float64; one
+    all-reduce under DDP, the local count in one process)."""
+    count = (target != ignore_index).sum().to(torch.float64)
+    if not is_distributed():
+        return count
+    all_reduce_sum(count)
+    return count / torch.distributed.get_world_size()
+
+
+def global_pixel_normalizer(target: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
+    """Under DDP: labelled pixels of the global batch / world size (one all-reduce); else None."""
+    return labelled_pixels_per_process(target, ignore_index) if is_distributed() else None

@@ -7,28 +7,13 @@ from torch import nn
 
 from contrastseg.config import LossConfig
 from contrastseg.contrast import PixelContrast
-from contrastseg.distributed import all_reduce_sum, average_gradients, is_distributed
+from contrastseg.distributed import average_gradients
 from contrastseg.errors import ConfigError
 from contrastseg.losses.aaf import AAFLoss
-from contrastseg.losses.cross_entropy import cross_entropy
+from contrastseg.losses.cross_entropy import cross_entropy, global_pixel_normalizer
 from contrastseg.losses.lovasz import lovasz_softmax
-from contrastseg.losses.ohem import ohem_mask
+from contrastseg.losses.ohem import ohem_cross_entropy
 from contrastseg.losses.rmi import rmi_loss
-
-
-def labelled_pixels_per_process(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """Labelled pixels of ``target`` summed over every process, / world size (float64; one
-    all-reduce under DDP, the local count in one process)."""
-    count = (target != ignore_index).sum().to(torch.float64)
-    if not is_distributed():
-        return count
-    all_reduce_sum(count)
-    return count / torch.distributed.get_world_size()
-
-
-def global_pixel_normalizer(target: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
-    """Under DDP: labelled pixels of the global batch / world size (one all-reduce); else None."""
-    return labelled_pixels_per_process(target, ignore_index) if is_distributed() else None
 
 
 class LossSet(nn.Module):
@@ -128,12 +113,14 @@ class LossSet(nn.Module):
             norm = global_pixel_normalizer(target, self.ignore_index)
         seg = outputs["seg"]
         if cfg.ce.ohem:
-            keep = ohem_mask(
-                seg, target, cfg.ce.ohem_threshold, cfg.ce.ohem_min_kept, self.ignore_index
+            ce = fraction * ohem_cross_entropy(
+                seg,
+                target,
+                cfg.ce.ohem_threshold,
+                cfg.ce.ohem_min_kept,
+                self.ignore_index,
+                over_processes=True,
             )
-            kept = torch.where(keep, target, self.ignore_index)
-            kept_norm = global_pixel_normalizer(kept, self.ignore_index)
-            ce = fraction * cross_entropy(seg, kept, self.ignore_index, kept_norm)
         else:
             ce = cross_entropy(seg, target, self.ignore_index, norm)
         terms: dict[str, torch.Tensor] = {"ce": ce}

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from contrastseg.errors import ConfigError
-from contrastseg.losses.cross_entropy import cross_entropy, upsample_to
+from contrastseg.losses.cross_entropy import cross_entropy, global_pixel_normalizer, upsample_to
 from contrastseg.precision import autocast_off
 
 __all__ = ["ohem_cross_entropy", "ohem_mask"]
@@ -63,10 +63,15 @@ def ohem_cross_entropy(
     min_kept: int = 100000,
     ignore_index: int = 255,
     normalizer: Tensor | float | None = None,
+    over_processes: bool = False,
 ) -> Tensor:
     """CE over the pixels :func:`ohem_mask` keeps, divided by ``normalizer`` (default: their
-    number). Exactly 0, with a graph, when no pixel is labelled."""
+    number; with ``over_processes`` under DDP, the kept pixels of every process / world size,
+    so that DDP's gradient averaging gives the global mean). Exactly 0, with a graph, when no
+    pixel is labelled."""
     x = upsample_to(logits, tuple(target.shape[-2:]))
     keep = ohem_mask(x, target, threshold, min_kept, ignore_index)
     kept_target = torch.where(keep, target.to(x.device, torch.long), ignore_index)
+    if normalizer is None and over_processes:
+        normalizer = global_pixel_normalizer(kept_target, ignore_index)
     return cross_entropy(x, kept_target, ignore_index, normalizer)
