@@ -72,7 +72,7 @@ def evaluate_checkpoint(
             "checkpoint trained on these classes"
         )
     metrics, _ = evaluate(
-        model, dataset, device, cfg.eval.batch_size, cfg.data.num_workers, mode=cfg.eval
+        model, dataset, device, cfg.eval.batch_size, cfg.data.num_workers, eval_cfg=cfg.eval
     )
     out = out or Path(checkpoint).resolve().parent.parent / "eval.json"
     write_eval_json(
