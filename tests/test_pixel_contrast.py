@@ -538,3 +538,135 @@ def test_empty_bank_slots_add_nothing():
     empty = torch.zeros(3, 5, dtype=torch.bool)
     got = contrast_loss(feats, labels, TAU, TAU_B, bank_slots=(slots, empty))
     assert got.item() == pytest.approx(naive_loss(feats, labels, TAU, TAU_B), abs=1e-12)
+
+
+@pytest.mark.parametrize("fill", [1.0, 0.6])
+@pytest.mark.parametrize("chunk_elements", [13, 40])  # several column chunks per class
+def test_bank_slots_in_chunks_match_naive_and_gradcheck(fill, chunk_elements):
+    feats, labels = _unit(11, 5, 41), _labels(11, 4, 42)
+    slots, filled = _slots(4, 9, 5, 43, fill)
+    got = contrast_loss(
+        feats, labels, TAU, TAU_B, bank_slots=(slots, filled), chunk_elements=chunk_elements
+    )
+    assert abs(got.item() - naive_loss(feats, labels, TAU, TAU_B, *_flat(slots, filled))) < 1e-9
+    x = feats.clone().requires_grad_(True)
+
+    def fn(x):
+        return contrast_loss(
+            F.normalize(x, dim=1),
+            labels,
+            0.5,
+            TAU_B,
+            bank_slots=(slots, filled),
+            chunk_elements=chunk_elements,
+        )
+
+    assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])  # largest negative logit near +1000 / -1000
+def test_bank_slots_far_from_zero_logits_match_the_flat_bank(sign):
+    """Logits of about +-1000 (tau 0.001): the block keeps exp(s - m) instead of exp(s);
+    value and gradient equal the flat bank's (its N x M reference block)."""
+    g = torch.Generator().manual_seed(44)
+    e0 = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+
+    def near(v, n):
+        return F.normalize(v + 0.05 * torch.randn(n, 4, generator=g, dtype=torch.float64), dim=-1)
+
+    if sign > 0:  # each anchor close to a slot of another class: m of about +1000
+        slots, filled = _slots(3, 5, 4, 45, 1.0)
+        labels = torch.tensor([0, 0, 1, 1, 2, 2])
+        feats = near(slots[(labels + 1) % 3, 0], 6)
+    else:  # class 0 anchors opposite to every slot and to class 1: m of about -1000 for them
+        slots = near(-e0, 10).view(2, 5, 4)
+        filled = torch.ones(2, 5, dtype=torch.bool)
+        labels = torch.tensor([0, 0, 0, 1, 1, 1])
+        feats = torch.cat([near(e0, 3), near(-e0, 3)])
+    grads, values = [], []
+    for kwargs in (
+        {"bank_slots": (slots, filled)},
+        dict(zip(("bank_feats", "bank_labels"), _flat(slots, filled), strict=True)),
+    ):
+        x = feats.clone().requires_grad_(True)
+        loss = contrast_loss(x, labels, 0.001, TAU_B, **kwargs)
+        loss.backward()
+        values.append(loss.item())
+        grads.append(x.grad)
+    assert math.isfinite(values[0]) and values[0] > 1e-3
+    assert abs(values[0] - values[1]) <= 1e-9 * max(1.0, abs(values[1]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-9)
+
+
+def test_bank_slots_retain_graph_backward_twice():
+    feats, labels = _unit(8, 4, 46), _labels(8, 3, 47)
+    slots, filled = _slots(3, 6, 4, 48, 0.8)
+    x = feats.clone().requires_grad_(True)
+    loss = contrast_loss(x, labels, TAU, TAU_B, bank_slots=(slots, filled))
+    loss.backward(retain_graph=True)
+    first = x.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(x.grad, 2 * first, rtol=1e-12, atol=0)
+
+
+def test_bf16_memory_loss_within_1e3_of_float32():
+    """A bfloat16 memory (and, as on a GPU's bf16 products, bf16-rounded anchors) against the
+    float32 loss of the same unrounded data: 1,000 anchors x 19 classes x 500 slots, D 64."""
+    g = torch.Generator().manual_seed(49)
+    feats = F.normalize(torch.randn(1000, 64, generator=g), dim=1)
+    labels = torch.randint(0, 19, (1000,), generator=g)
+    slots = F.normalize(torch.randn(19, 500, 64, generator=g), dim=2)
+    filled = torch.ones(19, 500, dtype=torch.bool)
+    want = contrast_loss(feats, labels, TAU, TAU_B, bank_slots=(slots, filled)).item()
+    for anchors in (feats, feats.bfloat16().float()):
+        got = contrast_loss(anchors, labels, TAU, TAU_B, bank_slots=(slots.bfloat16(), filled))
+        assert got.dtype == torch.float32
+        assert abs(got.item() - want) < 1e-3 * abs(want)
+        assert abs(got.item() - want) > 0  # the storage really is bf16
+    # The gradient too, to bf16's precision.
+    grads = []
+    for s in (slots, slots.bfloat16()):
+        x = feats.clone().requires_grad_(True)
+        contrast_loss(x, labels, TAU, TAU_B, bank_slots=(s, filled)).backward()
+        grads.append(x.grad)
+    assert float((grads[1] - grads[0]).norm() / grads[0].norm()) < 1e-2
+
+
+@pytest.mark.parametrize("mode", ["fifo", "per_image", "none"])
+def test_memory_slots_are_the_storage_itself(mode):
+    """slots() hands out the memory without a copy, also after moves and state-dict loads."""
+    import copy
+
+    from contrastseg.contrast import ClassMemory
+
+    memory = ClassMemory(3, dim=4, pixel_size=5, region_mode=mode, region_size=2, num_images=4)
+    memory.fill_random_(seed=3)
+
+    def check(mem):
+        slots, filled = mem.slots(dtype=None)
+        assert slots.data_ptr() == mem.pixel_queue.data_ptr()
+        assert filled.all() and slots.shape == (
+            3,
+            5 + {"fifo": 2, "per_image": 4, "none": 0}[mode],
+            4,
+        )
+        assert torch.equal(slots[:, :5], mem.pixel_queue)
+        if mode != "none":
+            assert torch.equal(slots[:, 5:], mem.region_queue)
+        # A push shows through the slots handed out before it.
+        g = torch.Generator().manual_seed(4)
+        embed = F.normalize(
+            torch.randn(2, 4, 3, 3, generator=g, dtype=mem.pixel_queue.dtype), dim=1
+        )
+        mem.push(embed, torch.randint(0, 3, (2, 3, 3), generator=g), torch.tensor([0, 1]))
+        assert torch.equal(slots[:, :5], mem.pixel_queue)
+        assert mem.slots(dtype=None)[0].data_ptr() == slots.data_ptr()
+
+    check(memory)
+    moved = copy.deepcopy(memory).to(torch.float64)
+    check(moved)
+    other = ClassMemory(3, dim=4, pixel_size=5, region_mode=mode, region_size=2, num_images=4)
+    state = {k: v.clone() for k, v in memory.state_dict().items()}
+    other.load_state_dict(state, assign=True)  # queues become separate tensors: joined again
+    assert torch.equal(other.slots()[0], memory.slots()[0])
+    check(other)

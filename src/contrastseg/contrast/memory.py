@@ -62,7 +62,8 @@ class ClassMemory(SeededModule):
     Buffers: ``pixel_queue (C, T, D)``, ``pixel_ptr (C,)``, ``pixel_count (C,)``; in ``fifo``
     mode ``region_queue (C, R, D)``, ``region_ptr (C,)``, ``region_count (C,)``; in ``per_image``
     mode ``region_queue (C, num_images, D)`` and ``region_filled (C, num_images)``. While a ring
-    is not full its filled slots are ``[0, count)``.
+    is not full its filled slots are ``[0, count)``. The two queues are views of one
+    ``(C, T + R, D)`` storage (what :meth:`slots` returns without copying).
     """
 
     def __init__(
@@ -113,16 +114,52 @@ class ClassMemory(SeededModule):
         self._rng = LazyGenerator(seed)
 
         C, D = self.num_classes, self.dim
-        self.register_buffer("pixel_queue", torch.zeros(C, self.pixel_size, D, dtype=dtype))
+        regions = {"fifo": self.region_size, "per_image": self.num_images or 0, "none": 0}
+        # One (C, pixel + region slots, D) storage; the two queues are views of it, so that
+        # slots() hands the loss the whole memory without a copy.
+        storage = torch.zeros(C, self.pixel_size + regions[region_mode], D, dtype=dtype)
+        self.register_buffer("pixel_queue", storage[:, : self.pixel_size])
         self.register_buffer("pixel_ptr", torch.zeros(C, dtype=torch.long))
         self.register_buffer("pixel_count", torch.zeros(C, dtype=torch.long))
         if region_mode == "fifo":
-            self.register_buffer("region_queue", torch.zeros(C, self.region_size, D, dtype=dtype))
+            self.register_buffer("region_queue", storage[:, self.pixel_size :])
             self.register_buffer("region_ptr", torch.zeros(C, dtype=torch.long))
             self.register_buffer("region_count", torch.zeros(C, dtype=torch.long))
         elif region_mode == "per_image":
-            self.register_buffer("region_queue", torch.zeros(C, self.num_images, D, dtype=dtype))
+            self.register_buffer("region_queue", storage[:, self.pixel_size :])
             self.register_buffer("region_filled", torch.zeros(C, self.num_images, dtype=torch.bool))
+        self._storage = storage
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .cuda(), .half() ... convert each buffer on its own: join the queues again.
+        super()._apply(fn, recurse)
+        self._storage = None
+        self._joined()
+        return self
+
+    def _joined(self) -> Tensor:
+        """The ``(C, K, D)`` storage whose views the pixel and region queues are; made again
+        (one copy) when they no longer are (after a device or dtype move, or a state dict
+        loaded with ``assign=True``)."""
+        pixel = self.pixel_queue
+        region = self.region_queue if self.region_mode != "none" else None
+        if region is None or pixel.shape[1] == 0:
+            return pixel if region is None else region
+        st = self._storage
+        if (
+            st is not None
+            and st.device == pixel.device
+            and st.dtype == pixel.dtype == region.dtype
+            and pixel.data_ptr() == st.data_ptr()
+            and region.data_ptr() == st[:, pixel.shape[1] :].data_ptr()
+            and pixel.stride() == region.stride() == st.stride()
+        ):
+            return st
+        st = torch.cat([pixel, region], 1)
+        self._buffers["pixel_queue"] = st[:, : pixel.shape[1]]
+        self._buffers["region_queue"] = st[:, pixel.shape[1] :]
+        self._storage = st
+        return st
 
     def extra_repr(self) -> str:
         return (
@@ -181,21 +218,21 @@ class ClassMemory(SeededModule):
     def slots(self, dtype: torch.dtype | None = torch.float32) -> tuple[Tensor, Tensor]:
         """The memory by class: ``slots (C, K, D)`` and ``filled (C, K)`` (bool), K = pixel
         slots + region slots of a class; the filled slots hold the entries :meth:`bank` lists.
-        A copy; ``dtype=None`` keeps the storage dtype."""
-        parts = [self.pixel_queue]
-        slot = torch.arange(self.pixel_size, device=self.pixel_queue.device)
+
+        With ``dtype=None`` (or the storage dtype) ``slots`` is the memory's own storage, not
+        a copy: read it, never write to it (a later :meth:`push` changes it). Another
+        ``dtype`` gives a converted copy."""
+        out = self._joined()
+        slot = torch.arange(self.pixel_size, device=out.device)
         filled = [slot[None, :] < self.pixel_count[:, None]]
         if self.region_mode == "fifo":
-            parts.append(self.region_queue)
             slot = torch.arange(self.region_size, device=slot.device)
             filled.append(slot[None, :] < self.region_count[:, None])
         elif self.region_mode == "per_image":
-            parts.append(self.region_queue)
             filled.append(self.region_filled)
-        out = torch.cat(parts, 1)
         if dtype is not None:
             out = out.to(dtype)
-        return out, torch.cat(filled, 1)
+        return out.detach(), torch.cat(filled, 1)
 
     @property
     def capacity(self) -> int:
