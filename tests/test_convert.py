@@ -297,7 +297,7 @@ def test_bgr_weights_on_rgb_input_give_the_released_logits():
 
 def test_file_converts_to_a_checkpoint_that_load_trained_model_loads(tmp_path, run_cli):
     from contrastseg.engine.checkpoint import FORMAT_VERSION
-    from contrastseg.inference import load_trained_model
+    from contrastseg.engine.inference import load_trained_model
 
     assert CHECKPOINT_FORMAT == FORMAT_VERSION
     state = small_hrnet_state("hrnet_w48_ocr", contrast=True)

@@ -12,8 +12,8 @@ from contrastseg.config import load_config
 from contrastseg.data import build_eval_dataset
 from contrastseg.engine import checkpoint as ckpt
 from contrastseg.engine.evaluator import evaluate
+from contrastseg.engine.inference import load_trained_model
 from contrastseg.engine.trainer import Trainer
-from contrastseg.inference import load_trained_model
 
 
 def free_port() -> int:

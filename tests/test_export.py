@@ -17,8 +17,8 @@ from contrastseg import cli, export_checkpoint, predict, train
 from contrastseg import export as export_module
 from contrastseg.config import load_config
 from contrastseg.engine import checkpoint as ckpt
+from contrastseg.engine.inference import load_trained_model
 from contrastseg.errors import CheckpointError, ConfigError, ContrastSegError
-from contrastseg.inference import load_trained_model
 from contrastseg.models.segmentor import InferenceModel
 from tiny import TINY
 

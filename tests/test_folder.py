@@ -155,7 +155,7 @@ def test_incomplete_pairs_are_recorded_when_not_strict(tmp_path):
 
 def test_image_extensions_any_case_and_the_shared_list(tmp_path):
     from contrastseg.data import IMAGE_EXTENSIONS
-    from contrastseg.inference import expand_images
+    from contrastseg.engine.inference import expand_images
 
     root = _make(tmp_path / "d", names=("a", "b"))
     image = np.asarray(Image.open(root / "images" / "a.png"))

@@ -24,7 +24,7 @@ FLOORS: list[set[str]] = [
     },
     {"config"},
     {"data", "models", "losses", "contrast"},
-    {"engine", "rundir", "inference"},
+    {"engine", "rundir"},
     {"viz", "report", "export", "onnx_predict", "convert", "benchmarks", "workflow"},
     {"cli", "__main__"},
 ]

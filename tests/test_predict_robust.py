@@ -13,10 +13,10 @@ from PIL import Image
 
 from contrastseg import predict, predict_onnx
 from contrastseg.config import load_config
+from contrastseg.engine.inference import prediction_paths
 from contrastseg.engine.trainer import Trainer
 from contrastseg.errors import DataError
 from contrastseg.export import sidecar_path
-from contrastseg.inference import prediction_paths
 from tiny import TINY
 
 GOOD = ("a.png", "c.jpg")

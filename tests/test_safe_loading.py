@@ -13,10 +13,10 @@ import torch
 
 from contrastseg.config import save_config
 from contrastseg.engine import checkpoint as ckpt
+from contrastseg.engine.inference import evaluate_checkpoint, load_trained_model, predict
 from contrastseg.engine.trainer import Trainer
 from contrastseg.errors import CheckpointError
 from contrastseg.export import export_checkpoint
-from contrastseg.inference import evaluate_checkpoint, load_trained_model, predict
 from contrastseg.models import build_model
 from contrastseg.models.backbones import load_backbone_weights
 

@@ -7,7 +7,7 @@ Two kinds of file are read:
   ``hrnet_w48_contrast``), HRNet-W48 + OCR (``hrnet_w48_ocr`` / ``hrnet_w48_ocr_contrast``),
   DeepLabV3 on the deep-stem ResNet-101 (``deeplab_v3`` / ``deeplab_v3_contrast``) and OCR on it
   (``spatial_ocrnet``). It becomes a contrastseg checkpoint that
-  :func:`contrastseg.inference.load_trained_model` loads (``contrastseg eval``, ``predict``,
+  :func:`contrastseg.engine.inference.load_trained_model` loads (``contrastseg eval``, ``predict``,
   ``export``), with the released head and backbone variants, so the model gives the released
   model's logits;
 - the HRNetV2-W48 ImageNet weights their training starts from

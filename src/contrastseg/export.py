@@ -102,7 +102,7 @@ def export_checkpoint(
     The checkpoint is read safely; ``trust`` allows what a file of the user's own names (see
     :func:`contrastseg.engine.checkpoint.read_file`).
     """
-    from contrastseg.inference import load_trained_model
+    from contrastseg.engine.inference import load_trained_model
     from contrastseg.models.segmentor import InferenceModel
 
     check_options(format, opset)

@@ -1,5 +1,5 @@
-"""The backbones and heads of contrastseg's model zoo: one row each (in the supplement's order), the only
-place a backbone is registered.
+"""The backbones and heads of contrastseg's model zoo: one row each (in the supplement's
+order), the only place a backbone is registered.
 
 A backbone row names the value of ``model.backbone.name``, the timm model it builds, whether it
 is an HRNet (four branches instead of a dilated last stage), the state-dict prefixes of timm's

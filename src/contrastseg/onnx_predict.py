@@ -1,6 +1,6 @@
 """Predict masks with an exported ONNX model and its sidecar, through onnxruntime on the CPU.
 
-Writes the same files as :func:`contrastseg.inference.predict`, from the same preprocessing;
+Writes the same files as :func:`contrastseg.engine.inference.predict`, from the same preprocessing;
 needs no checkpoint and no config, only ``MODEL.onnx`` and ``MODEL.onnx.json``.
 """
 
@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from contrastseg.data import normalize
+from contrastseg.engine.inference import PredictResult, predict_files
 from contrastseg.errors import CheckpointError
 from contrastseg.export import import_optional, sidecar_path
-from contrastseg.inference import PredictResult, predict_files
 
 SIDECAR_FIELDS = ("format", "input", "output", "class_names", "palette")
 
@@ -54,7 +54,7 @@ def predict_onnx(
     """Per image, ``<stem>_mask.png``, ``<stem>_overlay.png`` and ``<stem>_labels.png`` in
     ``out_dir``, as ``predict`` writes them (each atomically; an unreadable input is skipped
     unless ``strict``, finished outputs kept with ``skip_existing``: see
-    :func:`contrastseg.inference.predict_files`). Returns the mask paths written, with the
+    :func:`contrastseg.engine.inference.predict_files`). Returns the mask paths written, with the
     inputs skipped and kept."""
     model = Path(model)
     if not model.is_file():

@@ -172,7 +172,7 @@ def predict_mask(model, mean, std, image: np.ndarray) -> np.ndarray:
 
 
 def _load_pair(baseline: Path, ours: Path, device: str):
-    from contrastseg.inference import load_trained_model
+    from contrastseg.engine.inference import load_trained_model
 
     model_a, cfg_a, state_a = load_trained_model(baseline, device)
     model_b, cfg_b, state_b = load_trained_model(ours, device)
@@ -203,7 +203,7 @@ def compare_checkpoints(
     are ``masks/<stem>.png``, or, without ``masks``, the masks the data set pairs with those
     files in ``split``. ``data_root`` replaces ``data.root`` of the stored config.
     """
-    from contrastseg.inference import expand_images
+    from contrastseg.engine.inference import expand_images
 
     (model_a, cfg_a), (model_b, cfg_b), state = _load_pair(Path(baseline), Path(ours), device)
     data = cfg_a.data if data_root is None else cfg_a.data.model_copy(update={"root": data_root})

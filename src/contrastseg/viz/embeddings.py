@@ -65,7 +65,7 @@ def load_embedding_model(path: Path, device: str | torch.device = "cpu") -> Embe
     """Rebuild a checkpoint's model and, when it was trained with pixel contrast, the
     projection head of its contrast module (``contrast.projection.*`` in the loss state), in
     eval mode."""
-    from contrastseg.inference import load_trained_model
+    from contrastseg.engine.inference import load_trained_model
 
     model, cfg, state = load_trained_model(Path(path), device)
     prefix = "contrast.projection."
