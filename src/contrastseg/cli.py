@@ -271,12 +271,32 @@ def bench_step(
     device: Device = "cpu",
     amp: Amp = "off",
     overrides: Overrides = None,
+    breakdown: Annotated[
+        bool,
+        typer.Option(
+            "--breakdown",
+            help="Split the contrast step into its parts (ms, % of the step) with each "
+            "contrast part's floor: the same products as plain library calls, same run.",
+        ),
+    ] = False,
 ) -> None:
     """s/iter of a train step with and without contrast, and the overhead in percent."""
     from contrastseg import load_config
-    from contrastseg.benchmarks.train_step import format_step_benchmark, run_step_benchmark
 
     cfg = load_config(config, overrides or [])
+    if breakdown:
+        from contrastseg.benchmarks.breakdown import (
+            check_breakdown_settings,
+            format_breakdown,
+            run_breakdown,
+        )
+
+        check_breakdown_settings(amp)
+        result = run_breakdown(cfg, classes, batch, (height, width), repeats, device)
+        typer.echo(format_breakdown(result))
+        return
+    from contrastseg.benchmarks.train_step import format_step_benchmark, run_step_benchmark
+
     row = run_step_benchmark(cfg, classes, batch, (height, width), repeats, device, amp)
     typer.echo(format_step_benchmark(row))
 

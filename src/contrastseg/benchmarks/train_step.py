@@ -11,13 +11,17 @@ from contrastseg.losses import LossSet
 from contrastseg.models import build_model
 
 
-def _make_step(
+def build_step(
     cfg: ExperimentConfig,
     num_classes: int,
     contrast: bool,
     device: torch.device,
     amp: str = "off",
 ):
+    """The pieces of a train step and the step itself: ``(step, parts)`` where ``step(image,
+    target)`` runs forward, losses, backward and SGD, and ``parts`` holds the ``model``, the
+    ``losses`` (a :class:`LossSet`), the ``contrast`` module (or ``None``) and the ``optim``.
+    With contrast, the memory starts full (``ClassMemory.fill_random_``)."""
     loss_cfg = cfg.loss.model_copy(deep=True)
     loss_cfg.contrast.enabled = contrast
     loss_cfg.contrast.warmup_iters = 0
@@ -44,7 +48,18 @@ def _make_step(
         scaler.step(optim)
         scaler.update()
 
-    return step
+    parts = {"model": model, "losses": losses, "contrast": module, "optim": optim}
+    return step, parts
+
+
+def _make_step(
+    cfg: ExperimentConfig,
+    num_classes: int,
+    contrast: bool,
+    device: torch.device,
+    amp: str = "off",
+):
+    return build_step(cfg, num_classes, contrast, device, amp)[0]
 
 
 def block_labels(

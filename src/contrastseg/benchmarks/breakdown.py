@@ -1,0 +1,372 @@
+"""Where a train step with pixel contrast spends its time, part by part.
+
+:func:`run_breakdown` builds the step of ``bench step`` (model, losses, projection head,
+sampler, full class memory, SGD) and times, interleaved in one run (so that machine noise hits
+all alike), the whole step and each of its parts called on their own with the step's sizes:
+
+* ``backbone + head``: the model's forward, its CE terms and their backward;
+* ``projection head``: the head's forward and backward on the model's features;
+* ``labels + sampling``: labels resized to the embedding grid, the predictions' argmax, anchor
+  sampling and the backward of its gather (the dense gradient of the embeddings);
+* ``in-batch term``: the loss of the anchors among themselves, forward and backward;
+* ``memory read``: what the memory hands the loss (``slots()`` for ``all``; ``bank()`` and
+  :func:`select_from_bank` for the mining modes);
+* ``memory term``: the loss with the memory minus the in-batch term, forward and backward;
+* ``memory push``: the memory update of the batch;
+* ``rest``: the step minus the parts above (SGD, zeroing gradients, what the parts miss).
+
+Next to each contrast part, its **floor**: the same arithmetic done by plain library calls at
+the same sizes and dtype, timed in the same run, and the ratio part / floor. The floors:
+
+* projection head: its two 1x1 convolutions as six plain matrix products on ``(P, d)`` rows
+  (two forward, the two input gradients and the two weight gradients), ``P = B h w``;
+* labels + sampling: a nearest resize of the labels, the argmax, a random permutation and a
+  sort of ``P`` keys (the fewest plain calls that draw uniform pixels per group), the gather
+  of the ``N`` anchors and the scatter of their gradient into a zero ``(B, D, h, w)`` tensor;
+* in-batch term: ``(N x D)(D x N)`` forward and ``(N x N)(N x D)`` backward;
+* memory read: none for ``all`` (the memory is read in place); for the mining modes the
+  similarity product ``(N x D)(D x M)`` without gradient;
+* memory term: ``(N x D)(D x M)`` forward and ``(N x M)(M x D)`` backward for ``all``; the
+  gathered ``(N, k, D)`` rows and their two batched products for the mining modes;
+* memory push: a random permutation and a sort of ``P`` keys, the class sums of the pixels
+  (one ``scatter_add``), the gather of the pushed pixels and their row writes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from contrastseg.benchmarks.timing import interleaved_median_ms
+from contrastseg.benchmarks.train_step import block_labels, build_step
+from contrastseg.config import ExperimentConfig
+from contrastseg.contrast import contrast_loss, sample_anchors, select_from_bank
+from contrastseg.errors import ConfigError
+
+__all__ = ["PARTS", "format_breakdown", "run_breakdown"]
+
+PARTS = (
+    "backbone + head",
+    "projection head",
+    "labels + sampling",
+    "in-batch term",
+    "memory read",
+    "memory term",
+    "memory push",
+    "rest",
+)
+FLOORS = {
+    "projection head": "6 products (P x d)(d x m), (P x m)(m x D) + backward",
+    "labels + sampling": "resize, argmax, randperm + sort of P keys, N-row gather/scatter",
+    "in-batch term": "(N x D)(D x N) + (N x N)(N x D)",
+    "memory read": "none: read in place",
+    "memory term": "(N x D)(D x M) + (N x M)(M x D)",
+    "memory push": "randperm + sort of P keys, class sums (scatter_add), row writes",
+}
+_BIG_STEP = 10**9
+
+
+def run_breakdown(
+    cfg: ExperimentConfig,
+    num_classes: int = 19,
+    batch: int = 2,
+    size: tuple[int, int] = (256, 512),
+    repeats: int = 3,
+    device: str = "cpu",
+) -> dict:
+    """Median ms of the step and of each part (``PARTS``), with floors, in one interleaved run.
+
+    Returns ``{"rows": [...], "meta": {...}}``. Each row: ``part``, ``ms``, ``pct`` (of the
+    step; the rows sum to 100), ``floor_ms`` and ``ratio`` (``ms / floor_ms``; ``None`` where a
+    part has no floor: the model's own parts, ``rest``, and ``memory read`` for ``all``) and
+    ``floor`` (what the floor computes). ``meta``: the sizes (``anchors`` N, ``memory`` M,
+    ``dim`` D, the grid, the head's widths), ``step_ms`` and the run's settings. The memory
+    starts full; float32, no autocast.
+    """
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    image = torch.randn(batch, 3, *size, device=dev)
+    target = block_labels(batch, *size, num_classes).to(dev)
+    step, parts = build_step(cfg, num_classes, True, dev)
+    model, module = parts["model"], parts["contrast"]
+    memory = module.memory
+    base_cfg = cfg.loss.model_copy(deep=True)
+    base_cfg.contrast.enabled = False
+    from contrastseg.losses import LossSet
+
+    base_losses = LossSet(base_cfg, num_classes).to(dev)
+
+    # The step's tensors, computed once: features, logits, embeddings, grid labels, anchors.
+    with torch.no_grad():
+        out = model(image)
+        features, seg = out["features"].detach(), out["seg"].detach()
+        embed = module.projection(features).detach()
+    B, D, h, w = embed.shape
+    P = B * h * w
+    gen = torch.Generator(dev).manual_seed(0)
+
+    def labels_and_pred() -> tuple[torch.Tensor, torch.Tensor]:
+        grid = module.grid_labels(target, (h, w))
+        scores = seg
+        if tuple(scores.shape[-2:]) != (h, w):
+            scores = F.interpolate(scores.float(), (h, w), mode="bilinear", align_corners=False)
+        return grid, scores.argmax(1)
+
+    grid, pred = labels_and_pred()
+    anchors, anchor_labels, _ = sample_anchors(
+        embed, pred, grid, module.max_samples, module.max_views, module.ignore_index, gen
+    )
+    N = anchors.shape[0]
+    tau, tau_b = module.temperature, module.base_temperature
+    g = torch.Generator().manual_seed(1)
+    grad_embed = torch.randn(embed.shape, generator=g).to(dev)
+    grad_feats = torch.randn(N, D, generator=g).to(dev)
+
+    fns: dict[str, callable] = {}
+
+    def full_step() -> None:
+        step(image, target)
+
+    fns["step"] = full_step
+
+    def backbone() -> None:
+        model.zero_grad(set_to_none=True)
+        terms = base_losses(model(image), target, step=_BIG_STEP)
+        terms["total"].backward()
+
+    fns["backbone + head"] = backbone
+
+    # Projection head and its floor: six products on channels-last rows.
+    x = features.clone().requires_grad_(True)
+
+    def projection() -> None:
+        x.grad = None
+        module.projection.zero_grad(set_to_none=True)
+        module.projection(x).backward(grad_embed)
+
+    fns["projection head"] = projection
+    convs = [m for m in module.projection.modules() if isinstance(m, torch.nn.Conv2d)]
+    weights = [c.weight.detach().flatten(1).t().contiguous() for c in convs]  # (in, out)
+    rows = features.permute(0, 2, 3, 1).reshape(P, -1).contiguous()
+    grad_rows = grad_embed.permute(0, 2, 3, 1).reshape(P, -1).contiguous()
+
+    def projection_floor() -> None:
+        acts = [rows]
+        for wt in weights:
+            acts.append(acts[-1] @ wt)
+        grad = grad_rows
+        for wt, act in zip(reversed(weights), reversed(acts[:-1]), strict=True):
+            act.t() @ grad  # weight gradient
+            grad = grad @ wt.t()  # input gradient
+
+    fns["projection head floor"] = projection_floor
+
+    # Labels, argmax, sampling and the backward of its gather, and their floor.
+    e = embed.clone().requires_grad_(True)
+
+    def sampling() -> None:
+        grid, pred = labels_and_pred()
+        feats, _, _ = sample_anchors(
+            e, pred, grid, module.max_samples, module.max_views, module.ignore_index, gen
+        )
+        torch.autograd.grad(feats, e, grad_feats)
+
+    fns["labels + sampling"] = sampling
+    group_key = grid.reshape(-1).clamp(max=num_classes) * P
+    b_idx = torch.randint(0, B, (N,), generator=g).to(dev)
+    p_idx = torch.randperm(h * w, generator=g)[:N].to(dev)
+
+    def sampling_floor() -> None:
+        F.interpolate(target[:, None].float(), size=(h, w), mode="nearest")
+        seg.argmax(1)
+        perm = torch.randperm(P, generator=gen, device=dev)
+        torch.sort(group_key + perm)
+        embed.view(B, D, h * w)[b_idx, :, p_idx]
+        out = torch.zeros(B, D, h * w, device=dev)
+        out[b_idx, :, p_idx] = grad_feats
+
+    fns["labels + sampling floor"] = sampling_floor
+
+    # The loss: in-batch term, memory read, memory term, each with its floor.
+    z = anchors.detach().clone().requires_grad_(True)
+
+    def in_batch() -> None:
+        z.grad = None
+        contrast_loss(z, anchor_labels, tau, tau_b).backward()
+
+    fns["in-batch term"] = in_batch
+    zd = anchors.detach()
+
+    def in_batch_floor() -> None:
+        sim = zd @ zd.t()
+        sim @ zd
+
+    fns["in-batch term floor"] = in_batch_floor
+
+    mode = module.memory_sampling if memory is not None else None
+    capacity = memory.capacity if memory is not None else 0
+    k_sel = 0
+    if memory is not None:
+        if mode == "all":
+
+            def read():
+                return memory.slots(dtype=None)
+
+            def with_memory() -> None:
+                z.grad = None
+                contrast_loss(z, anchor_labels, tau, tau_b, bank_slots=read()).backward()
+
+            flat = memory.slots(dtype=torch.float32)[0].reshape(-1, D)
+
+            def memory_floor() -> None:
+                sim = zd @ flat.t()
+                sim @ flat
+
+            read_floor = None
+        else:
+            bank_feats, bank_labels = memory.bank(dtype=None)
+
+            def select(bf, bl):
+                return select_from_bank(
+                    zd,
+                    anchor_labels,
+                    bf,
+                    bl,
+                    mode,
+                    module.k_pos,
+                    module.k_neg,
+                    module.semi_hard_fraction,
+                    generator=gen,
+                )
+
+            def read():
+                bf, bl = memory.bank(dtype=None)
+                return select(bf, bl)
+
+            index = select(bank_feats, bank_labels)
+            k_sel = index.shape[1]
+
+            def with_memory() -> None:
+                z.grad = None
+                contrast_loss(
+                    z, anchor_labels, tau, tau_b, bank_feats, bank_labels, index
+                ).backward()
+
+            flat = bank_feats.float()
+
+            def read_floor() -> None:
+                with torch.no_grad():
+                    zd @ flat.t()
+
+            def memory_floor() -> None:
+                rows_k = flat[index.clamp(min=0)]  # (N, k, D)
+                sim = torch.bmm(rows_k, zd[:, :, None])
+                torch.bmm(sim.transpose(1, 2), rows_k)
+
+        fns["memory read"] = read
+        if read_floor is not None:
+            fns["memory read floor"] = read_floor
+        fns["loss with memory"] = with_memory
+        fns["memory term floor"] = memory_floor
+
+        def push() -> None:
+            memory.push(embed, grid, None, generator=gen)
+
+        fns["memory push"] = push
+        C, V = memory.num_classes, memory.pixels_per_image
+        pushed = min(P, B * C * V)
+        push_b = torch.randint(0, B, (pushed,), generator=g).to(dev)
+        push_p = torch.randint(0, h * w, (pushed,), generator=g).to(dev)
+        scratch = torch.zeros(pushed, D, dtype=memory.pixel_queue.dtype, device=dev)
+        dest = torch.randperm(pushed, generator=g).to(dev)
+        class_index = grid.reshape(B, 1, h * w).clamp(max=num_classes) % num_classes
+
+        def push_floor() -> None:
+            perm = torch.randperm(P, generator=gen, device=dev)
+            torch.sort(group_key + perm)
+            sums = torch.zeros(B, D, num_classes, device=dev)
+            sums.scatter_add_(2, class_index.expand(B, D, h * w), embed.view(B, D, h * w))
+            scratch.index_copy_(0, dest, embed.view(B, D, h * w)[push_b, :, push_p])
+
+        fns["memory push floor"] = push_floor
+
+    names = list(fns)
+    times = dict(zip(names, interleaved_median_ms(list(fns.values()), dev, repeats), strict=True))
+    step_ms = times["step"]
+    ms = {
+        "backbone + head": times["backbone + head"],
+        "projection head": times["projection head"],
+        "labels + sampling": times["labels + sampling"],
+        "in-batch term": times["in-batch term"],
+        "memory read": times.get("memory read", 0.0),
+        "memory term": times["loss with memory"] - times["in-batch term"] if memory else 0.0,
+        "memory push": times.get("memory push", 0.0),
+    }
+    ms["rest"] = step_ms - sum(ms.values())
+    rows = []
+    for part in PARTS:
+        floor_ms = times.get(f"{part} floor")
+        floor = FLOORS.get(part, "-")
+        if part == "memory read" and mode not in (None, "all"):
+            floor = "(N x D)(D x M), no grad"
+        if part == "memory term" and mode not in (None, "all"):
+            floor = "gather (N, k, D) + two batched products"
+        rows.append(
+            {
+                "part": part,
+                "ms": ms[part],
+                "pct": 100.0 * ms[part] / step_ms,
+                "floor_ms": floor_ms,
+                "ratio": None if floor_ms is None else ms[part] / floor_ms,
+                "floor": floor if floor_ms is not None else "-",
+            }
+        )
+    hidden = convs[0].out_channels if convs else 0
+    meta = {
+        "model": f"{cfg.model.head}-{cfg.model.backbone.name}",
+        "batch": batch,
+        "size": f"{size[0]}x{size[1]}",
+        "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
+        "repeats": repeats,
+        "grid": f"{h}x{w}",
+        "anchors": N,
+        "max_views": module.max_views,
+        "memory": capacity,
+        "memory_sampling": mode,
+        "selected": k_sel,
+        "dim": D,
+        "head": f"{features.shape[1]}->{hidden}->{D}",
+        "step_ms": step_ms,
+    }
+    return {"rows": rows, "meta": meta}
+
+
+def format_breakdown(result: dict) -> str:
+    """The rows as a table: ms, % of the step, floor ms and part / floor per part."""
+    m = result["meta"]
+    memory = (
+        f"memory {m['memory']} entries ({m['memory_sampling']})" if m["memory"] else "no memory"
+    )
+    lines = [
+        f"{m['model']}  batch {m['batch']}  input {m['size']}  device {m['device']}  "
+        f"median of {m['repeats']} interleaved repeats",
+        f"grid {m['grid']}, {m['anchors']} anchors (max_views {m['max_views']}), {memory}, "
+        f"D {m['dim']}, projection head {m['head']}",
+        f"{'part':<18} {'ms':>9} {'% step':>7} {'floor ms':>9} {'part/floor':>10}  floor",
+    ]
+    lines.append("-" * len(lines[-1]))
+    for r in result["rows"]:
+        floor = "-" if r["floor_ms"] is None else f"{r['floor_ms']:.1f}"
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+        lines.append(
+            f"{r['part']:<18} {r['ms']:>9.1f} {r['pct']:>6.1f}% {floor:>9} {ratio:>10}  "
+            f"{r['floor']}"
+        )
+    lines.append(f"{'step':<18} {m['step_ms']:>9.1f} {100.0:>6.1f}%")
+    return "\n".join(lines)
+
+
+def check_breakdown_settings(amp: str) -> None:
+    """The breakdown times float32 steps (its floors are float32 products)."""
+    if amp != "off":
+        raise ConfigError(f"--breakdown times float32 steps; got --amp {amp} (use --amp off)")

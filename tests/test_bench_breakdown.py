@@ -1,0 +1,76 @@
+"""The step breakdown: every part, its share of the step and, for contrast parts, its floor."""
+
+import pytest
+
+from contrastseg.benchmarks.breakdown import PARTS, format_breakdown, run_breakdown
+from contrastseg.config import load_config
+
+TINY_CONTRAST = [
+    "model.head_channels=16",
+    "model.aux_channels=8",
+    "model.projection_dim=16",
+    "model.projection_hidden=16",
+    "loss.contrast.max_views=4",
+    "loss.contrast.memory.pixel_size=40",
+    "loss.contrast.memory.region_size=8",
+]
+WITH_FLOOR = {"projection head", "labels + sampling", "in-batch term", "memory term", "memory push"}
+
+
+@pytest.mark.parametrize("sampling", ["all", "hardest"])
+def test_breakdown_has_every_part_with_floors_and_shares(sampling):
+    cfg = load_config(
+        "configs/demo_contrast.yaml",
+        [*TINY_CONTRAST, f"loss.contrast.memory.sampling={sampling}"],
+    )
+    result = run_breakdown(cfg, num_classes=19, batch=2, size=(64, 64), repeats=1)
+    rows = result["rows"]
+    assert [r["part"] for r in rows] == list(PARTS)
+    assert sum(r["pct"] for r in rows) == pytest.approx(100.0, abs=1e-6)
+    step_ms = result["meta"]["step_ms"]
+    assert step_ms > 0
+    assert sum(r["ms"] for r in rows) == pytest.approx(step_ms, rel=1e-9)
+    for r in rows:
+        assert r["pct"] == pytest.approx(100.0 * r["ms"] / step_ms)
+        has_floor = r["part"] in WITH_FLOOR or (r["part"] == "memory read" and sampling != "all")
+        assert (r["floor_ms"] is not None) == has_floor, r["part"]
+        if has_floor:
+            assert r["floor_ms"] > 0
+            assert r["ratio"] == pytest.approx(r["ms"] / r["floor_ms"])
+            assert r["floor"] != "-"
+        else:
+            assert r["ratio"] is None and r["floor"] == "-"
+    meta = result["meta"]
+    assert meta["anchors"] > 0 and meta["dim"] == 16
+    assert meta["memory"] == 19 * (40 + 8) and meta["memory_sampling"] == sampling
+    text = format_breakdown(result)
+    lines = text.splitlines()
+    assert [line.split("  ")[0].strip() for line in lines[4 : 4 + len(PARTS)]] == list(PARTS)
+    assert lines[-1].startswith("step")
+
+
+def test_cli_step_breakdown(run_cli, capsys):
+    args = [f"--set={o}" for o in TINY_CONTRAST]
+    code = run_cli(
+        "bench",
+        "step",
+        "configs/demo_contrast.yaml",
+        "--breakdown",
+        "--batch",
+        "2",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--repeats",
+        "1",
+        *args,
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    for part in PARTS:
+        assert part in out
+    assert "part/floor" in out
+    assert (
+        run_cli("bench", "step", "configs/demo_contrast.yaml", "--breakdown", "--amp", "bf16") != 0
+    )
