@@ -81,6 +81,20 @@ class TimmWithClassifier(nn.Module):
         return self.classifier(features), features
 
 
+def make_contrast(in_channels: int, seed: int) -> PixelContrast:
+    return PixelContrast(
+        NUM_CLASSES,
+        in_channels,
+        dim=32,
+        max_views=4,
+        memory=True,
+        memory_size=200,
+        region_size=20,
+        warmup_iters=1,
+        seed=seed,
+    )
+
+
 def train_steps(model, contrast, steps, start=0):
     params = list(model.parameters()) + list(contrast.parameters())
     optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9)
@@ -112,17 +126,7 @@ def next_loss(model, contrast, step):
 def test_pixel_contrast_trains_any_model(make):
     torch.manual_seed(0)
     model = make().train()
-    contrast = PixelContrast(
-        NUM_CLASSES,
-        model.feature_channels,
-        dim=32,
-        max_views=4,
-        memory=True,
-        memory_size=200,
-        region_size=20,
-        warmup_iters=1,
-        seed=0,
-    ).train()
+    contrast = make_contrast(model.feature_channels, seed=0).train()
 
     losses = train_steps(model, contrast, steps=3)
     assert losses[0] == 0.0  # warm-up step
@@ -137,20 +141,8 @@ def test_pixel_contrast_trains_any_model(make):
 
     # A state_dict round trip (model and contrast module) reproduces the next loss exactly.
     filled = len(contrast.memory)
-    model_copy, contrast_copy = (
-        make(),
-        PixelContrast(
-            NUM_CLASSES,
-            model.feature_channels,
-            dim=32,
-            max_views=4,
-            memory=True,
-            memory_size=200,
-            region_size=20,
-            warmup_iters=1,
-            seed=99,  # overwritten by the loaded generator state
-        ),
-    )
+    # seed 99: overwritten by the loaded generator state
+    model_copy, contrast_copy = make(), make_contrast(model.feature_channels, seed=99)
     model_copy.load_state_dict(copy.deepcopy(model.state_dict()))
     contrast_copy.load_state_dict(copy.deepcopy(contrast.state_dict()))
     model_copy.train()

@@ -180,7 +180,7 @@ class CrossEntropyConfig(_Section):
 
 class MemoryConfig(_Section):
     enabled: bool = False
-    pixel_size: int = Field(5000, ge=1)
+    pixel_size: int = Field(5000, ge=0)  # 0: no pixel queue (region means only)
     pixels_per_image: int = Field(10, ge=1)
     region_mode: Literal["fifo", "per_image", "none"] = "fifo"
     region_size: int = Field(5000, ge=1)

@@ -144,6 +144,14 @@ _DEEPLAB_HEAD: Rules = (
     ("decoder.refine.2.", "head.classifier."),
 )
 _PROJECTION = (("proj_head.", PROJECTION_REASON),)
+# The model section of the released OCR heads (HRNet-W48-OCR and SpatialOCRNet alike).
+_OCR_MODEL = {
+    "head": "ocr",
+    "head_variant": "released",
+    "ocr_mid_channels": 512,
+    "ocr_key_channels": 256,
+    "ocr_dropout": 0.05,
+}
 _HRNET_BACKBONES = ("hrnetv2_w48", "hrnetv2_w18_small")
 _RELEASED_BACKBONE = {"variant": "released", "pretrained": False, "output_stride": 8}
 
@@ -170,13 +178,7 @@ LAYOUTS: dict[str, Layout] = {
             signature=("backbone.stage4.0.fuse_layers.0.1.0.weight", "ocr_distri_head."),
             classifier="cls_head.weight",
             backbones=_HRNET_BACKBONES,
-            model={
-                "head": "ocr",
-                "head_variant": "released",
-                "ocr_mid_channels": 512,
-                "ocr_key_channels": 256,
-                "ocr_dropout": 0.05,
-            },
+            model=_OCR_MODEL,
             dropped=_PROJECTION,
             first_conv="backbone.body.conv1.weight",
         ),
@@ -207,13 +209,7 @@ LAYOUTS: dict[str, Layout] = {
             signature=("backbone.resinit.conv1.weight", "spatial_ocr_head."),
             classifier="head.weight",
             backbones=("resnet101_deep",),
-            model={
-                "head": "ocr",
-                "head_variant": "released",
-                "ocr_mid_channels": 512,
-                "ocr_key_channels": 256,
-                "ocr_dropout": 0.05,
-            },
+            model=_OCR_MODEL,
             dropped=_PROJECTION,
             first_conv="backbone.body.conv1.0.weight",
             mean=RESNET_MEAN,
