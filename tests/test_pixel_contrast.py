@@ -670,3 +670,30 @@ def test_memory_slots_are_the_storage_itself(mode):
     other.load_state_dict(state, assign=True)  # queues become separate tensors: joined again
     assert torch.equal(other.slots()[0], memory.slots()[0])
     check(other)
+
+
+def test_projection_head_equals_its_layers_and_gradchecks():
+    """The head's forward (1x1 convolutions as batched products, a fused normalisation)
+    computes F.normalize(net(x)) with the same gradients, also for an all-zero pixel."""
+    from contrastseg.contrast import ProjectionHead
+
+    torch.manual_seed(0)
+    head = ProjectionHead(12, 5, hidden_channels=7).double()
+    x = torch.randn(2, 12, 3, 4, dtype=torch.float64, requires_grad=True)
+    want = F.normalize(head.net(x), dim=1)
+    got = head(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-14)
+    g = torch.randn_like(want)
+    params = [x, *head.parameters()]
+    for a, b in zip(
+        torch.autograd.grad(want, params, g), torch.autograd.grad(got, params, g), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(head, (x,))
+    zero = torch.zeros(1, 5, 2, 2, dtype=torch.float64, requires_grad=True)
+    from contrastseg.contrast.projection import _Normalize
+
+    gz = torch.randn(1, 5, 2, 2, dtype=torch.float64)
+    (ref,) = torch.autograd.grad(F.normalize(zero, dim=1), zero, gz)
+    (new,) = torch.autograd.grad(_Normalize.apply(zero), zero, gz)
+    torch.testing.assert_close(new, ref, rtol=0, atol=0)
