@@ -697,3 +697,45 @@ def test_projection_head_equals_its_layers_and_gradchecks():
     (ref,) = torch.autograd.grad(F.normalize(zero, dim=1), zero, gz)
     (new,) = torch.autograd.grad(_Normalize.apply(zero), zero, gz)
     torch.testing.assert_close(new, ref, rtol=0, atol=0)
+
+
+def _naive_loss_shifted(feats, labels, tau, tau_b, bank_feats=None, bank_labels=None):
+    """naive_loss with each anchor's logits shifted by their maximum (exact for any size)."""
+    z, y = feats.tolist(), labels.tolist()
+    bz = bank_feats.tolist() if bank_feats is not None else []
+    by = bank_labels.tolist() if bank_labels is not None else []
+    losses = []
+    for i in range(len(z)):
+        cands = [(z[j], y[j]) for j in range(len(z)) if j != i] + list(zip(bz, by, strict=True))
+        sims = [(sum(a * b for a, b in zip(z[i], v, strict=True)) / tau, lab) for v, lab in cands]
+        top = max(s for s, _ in sims)
+        pos = [s - top for s, lab in sims if lab == y[i]]
+        neg = sum(math.exp(s - top) for s, lab in sims if lab != y[i])
+        if pos:
+            terms = [s - math.log(math.exp(s) + neg) for s in pos]
+            losses.append(-(tau / tau_b) * sum(terms) / len(terms))
+    return sum(losses) / len(losses) if losses else 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_in_batch_and_slots_with_logits_beyond_the_exp_range(dtype):
+    """tau 0.001: logits of +-1000, beyond the range where the blocks keep exp(s); they keep
+    exp(s - m) instead. Against the max-shifted loop reference, with and without a memory."""
+    g = torch.Generator().manual_seed(50)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 1])
+    e = torch.eye(4, dtype=torch.float64)
+    # Classes 0 and 2 near e0, class 1 near -e0: the largest negative logit is near +1000 for
+    # classes 0 and 2 (which compete), near -1000 for class 1.
+    base = torch.stack([e[0], e[0], -e[0], -e[0], e[0], e[0], -e[0]])
+    feats = F.normalize(base + 0.02 * torch.randn(7, 4, generator=g, dtype=torch.float64), dim=1)
+    slots = F.normalize(
+        -e[0] + 0.02 * torch.randn(3, 4, 4, generator=g, dtype=torch.float64), dim=2
+    )
+    filled = torch.ones(3, 4, dtype=torch.bool)
+    tol = 1e-9 if dtype == torch.float64 else 1e-5
+    for bank in (None, (slots, filled)):
+        got = contrast_loss(feats.to(dtype), labels, 0.001, TAU_B, bank_slots=bank)
+        args = () if bank is None else _flat(*bank)
+        want = _naive_loss_shifted(feats, labels, 0.001, TAU_B, *args)
+        assert want > 1e-3
+        assert abs(got.item() - want) <= tol * max(1.0, abs(want))
