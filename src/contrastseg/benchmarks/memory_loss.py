@@ -3,10 +3,14 @@
 * ``streamed``: the bank as a flat ``(M, D)`` list, similarities recomputed in each of the
   loss's three passes (``cache_bytes=0``): four products with the memory, bounded memory.
 * ``kept``: the same flat bank, similarities kept between passes: two products.
-* ``slots``: the memory in its own ``(C, K, D)`` layout (what training uses): two products and
-  per-class reductions instead of ``N x M`` masks.
+* ``slots``: the memory in its own ``(C, K, D)`` layout (what training uses): one product in
+  forward, whose chunks are exponentiated and summed while in cache, and one in backward.
 
-All three compute the same loss (the tests check it against a loop reference).
+All three compute the same loss (the tests check it against a loop reference). ``slots_bf16``
+is ``slots`` with the memory stored in bfloat16 (products accumulated in float32; on GPUs as
+bf16 tensor-core products): its loss is compared with float32's, not required equal. Next to them,
+the ``floor``: the two plain products the loss cannot do without, ``(N x D)(D x M)`` and
+``(N x M)(M x D)``, timed in the same run.
 """
 
 from __future__ import annotations
@@ -41,7 +45,12 @@ def run_memory_benchmark(
         "streamed": {"bank_feats": flat, "bank_labels": flat_labels, "cache_bytes": 0},
         "kept": {"bank_feats": flat, "bank_labels": flat_labels, "cache_bytes": 1 << 40},
         "slots": {"bank_slots": (slots, filled), "cache_bytes": 1 << 40},
+        "slots_bf16": {"bank_slots": (slots.bfloat16(), filled), "cache_bytes": 1 << 40},
     }
+
+    def floor() -> None:
+        sim = feats @ flat.t()
+        sim @ flat
 
     def step(name: str) -> tuple[float, torch.Tensor]:
         x = feats.clone().requires_grad_(True)
@@ -53,20 +62,32 @@ def run_memory_benchmark(
     results = [step(name) for name in VARIANTS]
     spread = max(abs(v - results[0][0]) for v, _ in results) / abs(results[0][0])
     grad_spread = max(float((g - results[0][1]).abs().max()) for _, g in results)
-    times = interleaved_median_ms([lambda n=n: step(n) for n in VARIANTS], dev, repeats)
+    bf16_loss, bf16_grad = step("slots_bf16")
+    names = (*VARIANTS, "slots_bf16")
+    fns = [lambda n=n: step(n) for n in names] + [floor]
+    times = interleaved_median_ms(fns, dev, repeats)
     return {
-        **dict(zip(VARIANTS, times, strict=True)),
+        **dict(zip((*names, "floor"), times, strict=True)),
         "loss_rel_diff": spread,
         "grad_max_diff": grad_spread,
+        "bf16_loss_rel_diff": abs(bf16_loss - results[0][0]) / abs(results[0][0]),
+        "bf16_grad_rel_diff": float((bf16_grad - results[0][1]).norm() / results[0][1].norm()),
     }
 
 
 def format_memory_benchmark(result: dict[str, float], header: str) -> str:
-    base = result["streamed"]
-    lines = [header, "variant    ms fwd+bwd  speedup vs streamed"]
-    lines += [f"{name:<9} {result[name]:>12.1f}  {base / result[name]:>8.2f}x" for name in VARIANTS]
+    base, floor = result["streamed"], result["floor"]
+    lines = [header, "variant     ms fwd+bwd  speedup vs streamed  / floor"]
+    lines += [
+        f"{name:<10} {result[name]:>12.1f}  {base / result[name]:>8.2f}x  "
+        f"{result[name] / floor:>14.2f}x"
+        for name in (*VARIANTS, "slots_bf16")
+    ]
+    lines.append(f"{'floor':<10} {floor:>12.1f}  (the two float32 products alone)")
     lines.append(
         f"same loss: relative difference {result['loss_rel_diff']:.1e}, "
-        f"largest gradient difference {result['grad_max_diff']:.1e}"
+        f"largest gradient difference {result['grad_max_diff']:.1e}; bf16 memory: loss "
+        f"{result['bf16_loss_rel_diff']:.1e} relative, gradient "
+        f"{result['bf16_grad_rel_diff']:.1e} (relative norm)"
     )
     return "\n".join(lines)
