@@ -622,14 +622,14 @@ def test_bf16_memory_loss_within_1e3_of_float32():
         got = contrast_loss(anchors, labels, TAU, TAU_B, bank_slots=(slots.bfloat16(), filled))
         assert got.dtype == torch.float32
         assert abs(got.item() - want) < 1e-3 * abs(want)
-        assert abs(got.item() - want) > 0  # the storage really is bf16
     # The gradient too, to bf16's precision.
     grads = []
     for s in (slots, slots.bfloat16()):
         x = feats.clone().requires_grad_(True)
         contrast_loss(x, labels, TAU, TAU_B, bank_slots=(s, filled)).backward()
         grads.append(x.grad)
-    assert float((grads[1] - grads[0]).norm() / grads[0].norm()) < 1e-2
+    distance = float((grads[1] - grads[0]).norm() / grads[0].norm())
+    assert 1e-5 < distance < 1e-2  # bf16's rounding shows, and stays small
 
 
 @pytest.mark.parametrize("mode", ["fifo", "per_image", "none"])
