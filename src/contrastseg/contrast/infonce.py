@@ -422,8 +422,13 @@ class _ContrastFunction(torch.autograd.Function):
         loss = sum_i w_i sum_p [log d_ip - a_ip]
         dloss/ds_ip = -w_i E_i / d_ip          dloss/ds_in = w_i (sum_p 1 / d_ip) exp(a_in)
 
-    Cached blocks (in-batch, gathered bank) keep their similarities; their positive pairs are
-    compacted with ``nonzero`` (one host sync per block) so the positive terms cost only
+    ``m_i`` is any detached reference at least as large as every negative logit of row ``i``
+    (the loss does not depend on it): the largest over the blocks of each block's own
+    reference (a maximum, or the log-sum-exp of its negatives).
+
+    The in-batch and class-slot blocks group pairs by label and keep ``exp(s)`` (see their
+    docstrings). Cached blocks (gathered bank) keep their similarities; their positive pairs
+    are compacted with ``nonzero`` (one host sync per block) so the positive terms cost only
     ``O(#positives)``, and ``exp(s - m)`` and ``1 / d`` are kept for backward. The streamed
     bank block recomputes its similarities in each of its two forward passes (maximum and
     negative sum with an online log-sum-exp, then the positive terms) and in backward.
@@ -569,17 +574,23 @@ def contrast_loss(
     ``bank_slots = (slots (C, K, D), filled (C, K))``, a class memory's own layout (entry
     ``slots[c, k]`` of label ``c`` where ``filled``); the loss is the same, computed faster.
 
-    Numerics: computed in at least float32 with autocast disabled. With ``m_i`` the detached
-    maximum of ``s_in`` over the negatives, ``a_ij = s_ij - m_i`` and
+    Numerics: computed in at least float32 with autocast disabled. With ``m_i`` a detached
+    reference (the largest of the blocks' own: the maximum of a block's negative logits or
+    their log-sum-exp, so at least every ``s_in``), ``a_ij = s_ij - m_i`` and
     ``E_i = sum_n exp(a_in) >= 1``, each term is ``log(exp(a_ip) + E_i) - a_ip``, which equals
-    the formula above. ``a`` is clamped above at 80 before ``exp``: negatives never reach it, and
-    a positive beyond it has a term below ``|N| exp(-80)``.
+    the formula above.
+    ``a`` is clamped above at 80 before ``exp``: negatives never reach it, and a positive
+    beyond it has a term below ``|N| exp(-80)``. The in-batch and class-slot blocks first keep
+    ``exp(s)`` itself and recompute with the maximum subtracted when logits leave about +-60
+    (float32; +-600 in float64).
 
     Memory: the loss is one autograd function with a closed-form backward. For backward it
-    keeps the in-batch ``N x N`` and (with ``bank_index``) the gathered ``N x K`` matrices,
-    nothing of size ``N x M``. With ``bank_index`` the bank rows are gathered in anchor chunks of
-    at most ``GATHER_CHUNK_ELEMENTS`` elements (64 MiB in float32) in forward and backward, so
-    the ``N x K x D`` gather never exists in one piece. Without it (``all`` mode) the bank is
+    keeps the in-batch ``N x N`` matrix, with ``bank_slots`` the ``N x C x K`` matrix
+    ``exp(s)`` (used while it takes at most ``cache_bytes``; one product with the memory in
+    forward and one in backward) and with ``bank_index`` the gathered ``N x K`` matrices. With
+    ``bank_index`` the bank rows are gathered in anchor chunks of at most
+    ``GATHER_CHUNK_ELEMENTS`` elements (64 MiB in float32) in forward and backward, so the
+    ``N x K x D`` gather never exists in one piece. Without it (a flat ``bank_feats``) the bank is
     processed in column chunks of ``chunk_elements // N`` entries (default
     ``LOSS_CHUNK_ELEMENTS`` on CPU, ``LOSS_CHUNK_ELEMENTS_GPU`` elsewhere), recomputing the
     similarities in the two forward passes (maximum and negative sum with an online
