@@ -7,8 +7,10 @@ import torch
 from contrastseg.benchmarks.timing import interleaved_median_ms
 from contrastseg.config import ExperimentConfig
 from contrastseg.contrast import PixelContrast
+from contrastseg.engine.step import sgd_step
 from contrastseg.losses import LossSet
 from contrastseg.models import build_model
+from contrastseg.precision import AMP_DTYPES
 
 
 def build_step(
@@ -37,16 +39,14 @@ def build_step(
         module.memory.fill_random_()  # time the steady state: a full memory
     params = list(model.parameters()) + losses.model_parameters()
     optim = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
-    dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
     def step(image: torch.Tensor, target: torch.Tensor) -> None:
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            terms = losses(model(image), target, step=10**9)
-        optim.zero_grad(set_to_none=True)
-        scaler.scale(terms["total"]).backward()
-        scaler.step(optim)
-        scaler.update()
+        # The trainer's own step, past any warm-up.
+        index = torch.arange(image.shape[0], device=image.device)
+        sgd_step(
+            model, losses, optim, scaler, image, target, index, 10**9, amp_dtype=AMP_DTYPES[amp]
+        )
 
     parts = {"model": model, "losses": losses, "contrast": module, "optim": optim}
     return step, parts

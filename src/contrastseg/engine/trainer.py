@@ -7,7 +7,6 @@ import logging
 import math
 import signal
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,20 +30,13 @@ from contrastseg.engine.progress import TrainProgress
 from contrastseg.engine.runtime import environment_info, resolve_device, seed_everything
 from contrastseg.engine.sampling import EpochIndexed, IterationBatchSampler
 from contrastseg.engine.signals import StopSignal
+from contrastseg.engine.step import sgd_step
 from contrastseg.errors import CheckpointError, ConfigError, TrainingError, TrainingInterrupted
-from contrastseg.losses import LossSet, labelled_pixels_per_process
+from contrastseg.losses import LossSet
 from contrastseg.models import build_model
 from contrastseg.precision import AMP_DTYPES
 
 log = logging.getLogger("contrastseg")
-
-
-def gradients_finite(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether every gradient the optimiser would apply is finite (one host sync)."""
-    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    if not grads:
-        return True
-    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
 def poly_lr(cfg: OptimConfig, it: int, total: int) -> float:
@@ -309,52 +301,20 @@ class Trainer:
             image = image.contiguous(memory_format=torch.channels_last)
         target = batch["mask"].to(self.device, non_blocking=True)
         index = batch["index"].to(self.device)
-        accum = self.cfg.train.grad_accum
-        norm, fraction = None, 1.0
-        if accum > 1:
-            # CE of each micro-batch is divided by the labelled pixels of the whole step.
-            norm = labelled_pixels_per_process(target, self.loss_set.ignore_index)
-            fraction = 1.0 / accum
-        self.optimizer.zero_grad(set_to_none=True)
-        # Batch-norm running statistics change in the forward pass: a skipped step restores them.
-        buffers = [b.detach().clone() for b in self.bn_buffers]
-        summed: dict[str, torch.Tensor] = {}
-        finite = True
-        micro = zip(image.chunk(accum), target.chunk(accum), index.chunk(accum), strict=True)
-        for m, (image_m, target_m, index_m) in enumerate(micro):
-            # DDP all-reduces the gradients only in the last micro-batch's backward.
-            last = m == accum - 1
-            sync = nullcontext() if last or self.ddp is None else self.ddp.no_sync()
-            with sync:
-                with torch.autocast(
-                    self.device.type,
-                    dtype=self.amp_dtype or torch.float32,
-                    enabled=bool(self.amp_dtype),
-                ):
-                    outputs = self.forward(image_m)
-                    # Each loss casts what it needs to float32 (CE) or runs outside autocast.
-                    terms = self.loss_set(
-                        outputs, target_m, self.iteration, index_m, norm, fraction
-                    )
-                for k, v in terms.items():
-                    summed[k] = summed[k] + v.detach() if k in summed else v.detach()
-                finite = all_processes_agree(bool(torch.isfinite(terms["total"])), self.device)
-                if not finite:
-                    break
-                self.scaler.scale(terms["total"]).backward()
-            del outputs, terms
-        if finite:
-            self.loss_set.sync_gradients()  # DDP: the loss's own parameters are outside DDP
-            if not self.scaler.is_enabled():  # fp16's scaler skips non-finite steps itself
-                finite = gradients_finite(self.optimizer)
-        if finite:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                for buffer, saved in zip(self.bn_buffers, buffers, strict=True):
-                    buffer.copy_(saved)
+        summed, finite = sgd_step(
+            self.forward,
+            self.loss_set,
+            self.optimizer,
+            self.scaler,
+            image,
+            target,
+            index,
+            self.iteration,
+            amp_dtype=self.amp_dtype,
+            grad_accum=self.cfg.train.grad_accum,
+            ddp=self.ddp,
+            bn_buffers=self.bn_buffers,
+        )
         self.iteration += 1
         values = {k: float(v) for k, v in summed.items()}
         values["lr"] = lr
