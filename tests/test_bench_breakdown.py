@@ -71,6 +71,10 @@ def test_cli_step_breakdown(run_cli, capsys):
     for part in PARTS:
         assert part in out
     assert "part/floor" in out
+    # Without --breakdown: the side-by-side step benchmark, as before.
+    size = ["--batch", "2", "--height", "64", "--width", "64", "--repeats", "1"]
+    assert run_cli("bench", "step", "configs/demo_contrast.yaml", *size, *args) == 0
+    assert "overhead" in capsys.readouterr().out
     assert (
         run_cli("bench", "step", "configs/demo_contrast.yaml", "--breakdown", "--amp", "bf16") != 0
     )
