@@ -24,12 +24,12 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff format --check src tests
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests examples scripts
+	$(BIN)/ruff check src tests examples scripts
 
 format: $(STAMP)
-	$(BIN)/ruff format src tests
-	$(BIN)/ruff check --fix src tests
+	$(BIN)/ruff format src tests examples scripts
+	$(BIN)/ruff check --fix src tests examples scripts
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
