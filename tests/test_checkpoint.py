@@ -3,6 +3,7 @@ import torch
 
 from contrastseg.engine import checkpoint as ckpt
 from contrastseg.errors import CheckpointError
+from tiny import SMALL_CONTRAST
 
 
 def test_atomic_save_round_trip(tmp_path):
@@ -139,13 +140,7 @@ def test_upgrade_moves_the_projection_head_into_the_loss_state(tiny_cfg, tmp_pat
     overrides = [
         "train.threads=1",
         "train.iters=3",
-        "loss.contrast.enabled=true",
-        "loss.contrast.max_samples=64",
-        "loss.contrast.max_views=4",
-        "loss.contrast.memory.enabled=true",
-        "loss.contrast.memory.pixel_size=64",
-        "loss.contrast.memory.pixels_per_image=4",
-        "loss.contrast.memory.region_size=32",
+        *SMALL_CONTRAST,
         "loss.aaf.enabled=true",
     ]
     cfg = tiny_cfg(*overrides)

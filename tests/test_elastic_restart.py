@@ -18,7 +18,7 @@ import torch
 from contrastseg.engine import checkpoint as ckpt
 from contrastseg.engine.trainer import Trainer
 from contrastseg.errors import CheckpointError
-from tiny import TINY
+from tiny import SMALL_CONTRAST, TINY
 
 ITERS = 6
 EVERY = 3  # train.checkpoint_every
@@ -50,13 +50,7 @@ def overrides(root, name):
         "data.train_size=8",
         "data.val_size=4",
         *TINY,
-        "loss.contrast.enabled=true",
-        "loss.contrast.max_samples=64",
-        "loss.contrast.max_views=4",
-        "loss.contrast.memory.enabled=true",
-        "loss.contrast.memory.pixel_size=64",
-        "loss.contrast.memory.pixels_per_image=4",
-        "loss.contrast.memory.region_size=32",
+        *SMALL_CONTRAST,
         f"train.iters={ITERS}",
         "train.batch_size=4",
         "train.log_every=1",

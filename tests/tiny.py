@@ -9,3 +9,15 @@ TINY = [
     "model.projection_dim=16",
     "train.device=cpu",
 ]
+
+# Pixel contrast with a small memory, sized for the tiny crops (a 6x6 embedding grid has few
+# pixels per class, hence max_views 4): the resume and restart tests train with it.
+SMALL_CONTRAST = [
+    "loss.contrast.enabled=true",
+    "loss.contrast.max_samples=64",
+    "loss.contrast.max_views=4",
+    "loss.contrast.memory.enabled=true",
+    "loss.contrast.memory.pixel_size=64",
+    "loss.contrast.memory.pixels_per_image=4",
+    "loss.contrast.memory.region_size=32",
+]

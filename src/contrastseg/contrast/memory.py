@@ -114,10 +114,9 @@ class ClassMemory(SeededModule):
         self._rng = LazyGenerator(seed)
 
         C, D = self.num_classes, self.dim
-        regions = {"fifo": self.region_size, "per_image": self.num_images or 0, "none": 0}
         # One (C, pixel + region slots, D) storage; the two queues are views of it, so that
         # slots() hands the loss the whole memory without a copy.
-        storage = torch.zeros(C, self.pixel_size + regions[region_mode], D, dtype=dtype)
+        storage = torch.zeros(C, self.pixel_size + self.region_slots, D, dtype=dtype)
         self.register_buffer("pixel_queue", storage[:, : self.pixel_size])
         self.register_buffer("pixel_ptr", torch.zeros(C, dtype=torch.long))
         self.register_buffer("pixel_count", torch.zeros(C, dtype=torch.long))
@@ -235,10 +234,16 @@ class ClassMemory(SeededModule):
         return out.detach(), torch.cat(filled, 1)
 
     @property
+    def region_slots(self) -> int:
+        """Region slots per class: the FIFO ring's size, one per image, or none."""
+        if self.region_mode == "fifo":
+            return self.region_size
+        return self.num_images if self.region_mode == "per_image" else 0
+
+    @property
     def capacity(self) -> int:
         """Number of entries the memory holds when full (pixel and region slots)."""
-        region = {"fifo": self.region_size, "per_image": self.num_images or 0, "none": 0}
-        return self.num_classes * (self.pixel_size + region[self.region_mode])
+        return self.num_classes * (self.pixel_size + self.region_slots)
 
     def __len__(self) -> int:
         """Number of filled entries (a host sync)."""

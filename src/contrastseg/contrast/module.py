@@ -262,7 +262,8 @@ class PixelContrast(SeededModule):
                 f"{what}={channels}, h, w) expected; got shape {tuple(features.shape)}"
             )
         embed = features if self.projection is None else self.projection(features)
-        if not self.active(step):
+        active = self.active(step)
+        if not active:
             # Warm-up: no sampling, no push; the zero keeps the projection head in the graph.
             loss = 0.0 * embed.sum()
             anchors = 0
@@ -272,7 +273,7 @@ class PixelContrast(SeededModule):
             return loss
         filled = len(self.memory) if self.memory is not None else 0
         capacity = self.memory.capacity if self.memory is not None else 0
-        return loss, ContrastDiagnostics(self.active(step), anchors, filled, capacity)
+        return loss, ContrastDiagnostics(active, anchors, filled, capacity)
 
     def _loss(
         self, embed: Tensor, logits: Tensor, labels: Tensor, image_ids: Tensor | None
