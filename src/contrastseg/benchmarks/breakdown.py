@@ -42,6 +42,7 @@ from contrastseg.benchmarks.train_step import block_labels, build_step
 from contrastseg.config import ExperimentConfig
 from contrastseg.contrast import contrast_loss, sample_anchors, select_from_bank
 from contrastseg.errors import ConfigError
+from contrastseg.losses import LossSet
 
 __all__ = ["PARTS", "format_breakdown", "run_breakdown"]
 
@@ -92,8 +93,6 @@ def run_breakdown(
     memory = module.memory
     base_cfg = cfg.loss.model_copy(deep=True)
     base_cfg.contrast.enabled = False
-    from contrastseg.losses import LossSet
-
     base_losses = LossSet(base_cfg, num_classes).to(dev)
 
     # The step's tensors, computed once: features, logits, embeddings, grid labels, anchors.

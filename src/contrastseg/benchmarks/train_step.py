@@ -52,16 +52,6 @@ def build_step(
     return step, parts
 
 
-def _make_step(
-    cfg: ExperimentConfig,
-    num_classes: int,
-    contrast: bool,
-    device: torch.device,
-    amp: str = "off",
-):
-    return build_step(cfg, num_classes, contrast, device, amp)[0]
-
-
 def block_labels(
     batch: int, height: int, width: int, num_classes: int, seed: int = 0
 ) -> torch.Tensor:
@@ -95,7 +85,7 @@ def run_step_benchmark(
     peak: dict[str, float | None] = {"baseline": None, "contrast": None}
     steps = {}
     for name in peak:
-        steps[name] = _make_step(cfg, num_classes, name == "contrast", dev, amp)
+        steps[name] = build_step(cfg, num_classes, name == "contrast", dev, amp)[0]
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         steps[name](image, target)  # a step for the peak memory; the timing warms up again
