@@ -23,7 +23,7 @@ __all__ = ["contrast_loss", "compute_dtype"]
 # (float32: 8 / 32 MiB per matrix; a chunk holds about 9 such matrices at its peak).
 LOSS_CHUNK_ELEMENTS = 1 << 21
 LOSS_CHUNK_ELEMENTS_GPU = 1 << 23
-# The whole-bank block keeps its N x M similarities between its two forward passes and backward
+# The whole-bank block keeps its N x M similarities between its two loss passes and the gradient
 # (two matrix products instead of four) while they take at most this many bytes.
 LOSS_CACHE_BYTES = 1 << 30
 GATHER_CHUNK_ELEMENTS = 1 << 24  # gathered (chunk, K, D) bank rows
@@ -149,7 +149,7 @@ class _InBatchBlock:
         return self._unsort(sums[:, 0]), self._unsort(sums[:, 1])
 
     def grad(self, wg: Tensor, e_safe: Tensor, r_sum: Tensor) -> Tensor:
-        """Gradient with respect to the anchors: ``(G + G^T) z / tau``."""
+        """Gradient with respect to the anchors (``wg``: the row weights): ``(G + G^T) z / tau``."""
         o = self.order
         c = wg[o] * r_sum[o] * torch.exp(self.shift)  # per row: negatives' coefficient
         if self.shifted:
@@ -165,7 +165,8 @@ class _InBatchBlock:
 class _GatheredBankBlock:
     """Anchor ``i`` against bank rows ``index[i]`` (``-1`` = padding), gathered in row chunks.
 
-    At most ``rows x K x D`` gathered bank elements exist at a time, in forward and backward.
+    At most ``rows x K x D`` gathered bank elements exist at a time, for the loss and for its
+    gradient.
     """
 
     num_chunks = 1
@@ -198,7 +199,7 @@ class _GatheredBankBlock:
 class _ChunkedBankBlock:
     """Every bank entry against every anchor, in column chunks of ``cols`` entries.
 
-    The block is streamed: each of its three passes (two in forward, one in backward) visits
+    The block is streamed: each of its three passes (two for the loss, one for the gradient) visits
     the chunks in turn. With ``keep_sims`` each chunk's similarity matrix is computed once and
     kept for the later passes (``N x M`` values in all); without it, it is recomputed in every
     pass, so that only ``N x cols`` matrices ever exist.
@@ -225,7 +226,7 @@ class _ChunkedBankBlock:
         return sim, same, ~same  # callers never modify ``sim`` in place: it may be kept
 
     def release(self, k: int) -> None:
-        """Drop chunk ``k``'s kept similarities (after its last use, in backward)."""
+        """Drop chunk ``k``'s kept similarities (after its last use, in the gradient pass)."""
         if self.kept is not None:
             self.kept.pop(k, None)
 
@@ -261,8 +262,9 @@ class _ClassSlotBankBlock:
     (their positives), then ``exp`` in place (as ``exp2`` of similarities scaled by
     ``log2(e)``, twice as fast on CPUs) and the per-anchor sum. The anchor's reference ``m``
     for the loss is the log-sum-exp of its memory negatives (not their maximum: no max pass;
-    the loss is the same). The ``N x C x K`` matrix ``exp(s)`` stays for backward, which is
-    one product with the memory too: the own-class entries are overwritten with the positive
+    the loss is the same). The ``N x C x K`` matrix ``exp(s)`` stays for the gradient (formed
+    in forward, while ``slots`` is still the memory as read), which is one product with the
+    memory too: the own-class entries are overwritten with the positive
     coefficients (relative to the row's negative coefficient), and the whole matrix times the
     memory, rows scaled after, is the gradient. When ``exp(s)`` would leave the safe range
     (logits beyond about +-60 in float32), forward computes the exact maximum first and keeps
@@ -378,8 +380,8 @@ class _ClassSlotBankBlock:
         return self.valid[self.sorted_labels[s:e]]
 
     def grad(self, wg: Tensor, e_safe: Tensor, r_sum: Tensor) -> Tensor:
-        """Gradient with respect to the anchors (``wg``: the row weights times the incoming
-        gradient). Negatives: ``wg r_sum exp(s - m)``; positives: ``-wg E / d``. The own-class
+        """Gradient with respect to the anchors (``wg``: the row weights). Negatives:
+        ``wg r_sum exp(s - m)``; positives: ``-wg E / d``. The own-class
         entries of the kept matrix take ``-(E / r_sum) exp(-shift) / d`` so that one row scale
         ``wg r_sum exp(shift)`` after the product gives both."""
         n, C, K = self.store.shape
@@ -429,13 +431,24 @@ class _ContrastFunction(torch.autograd.Function):
     The in-batch and class-slot blocks group pairs by label and keep ``exp(s)`` (see their
     docstrings). Cached blocks (gathered bank) keep their similarities; their positive pairs
     are compacted with ``nonzero`` (one host sync per block) so the positive terms cost only
-    ``O(#positives)``, and ``exp(s - m)`` and ``1 / d`` are kept for backward. The streamed
-    bank block recomputes its similarities in each of its two forward passes (maximum and
-    negative sum with an online log-sum-exp, then the positive terms) and in backward.
+    ``O(#positives)``, and ``exp(s - m)`` and ``1 / d`` are kept for the gradient. The
+    streamed bank block recomputes its similarities in each of its two forward passes (maximum
+    and negative sum with an online log-sum-exp, then the positive terms) and in the gradient
+    pass.
+
+    **The gradient is formed in forward.** The loss is a scalar, so its gradient is
+    ``grad * dloss/dz``; with ``need_grad`` forward computes ``dloss/dz (N, D)`` right after
+    the loss, from the bank exactly as it was read, and keeps only that (saved with
+    ``save_for_backward``, under autograd's version check). Backward reads nothing else: a
+    memory written after the call (its own push, another micro-batch's forward, a second
+    backward with ``retain_graph``) cannot change the gradient of a loss computed before, and
+    the blocks' ``N x M`` matrices are freed when forward returns instead of living until
+    backward. The arithmetic is the same two products per bank (one for the loss, one for the
+    gradient), only earlier.
     """
 
     @staticmethod
-    def forward(ctx, z: Tensor, blocks: list, scale: float) -> Tensor:
+    def forward(ctx, z: Tensor, blocks: list, scale: float, need_grad: bool) -> Tensor:
         n = z.shape[0]
         keys = [(bi, k) for bi, b in enumerate(blocks) for k in range(b.num_chunks)]
         cached = {key: blocks[key[0]].sim(z, key[1]) for key in keys if blocks[key[0]].cache}
@@ -510,37 +523,43 @@ class _ContrastFunction(torch.autograd.Function):
         n_anchor = (n_pos > 0).sum().clamp(min=1)
         weight = scale / (n_pos.clamp(min=1) * n_anchor).to(z.dtype)
         w = torch.where((n_pos > 0) & has_neg, weight, 0.0)
-        ctx.save_for_backward(z, m, e_safe, r_sum, w)
-        ctx.blocks, ctx.state = blocks, state
-        return (w * terms).sum()
+        loss = (w * terms).sum()
+        grad_z = _loss_gradient(z, blocks, state, m, e_safe, r_sum, w) if need_grad else None
+        ctx.save_for_backward(grad_z)
+        return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
-        z, m, e_safe, r_sum, w = ctx.saved_tensors
-        wg = w * grad
-        coef_pos = -wg * e_safe
-        coef_neg = (wg * r_sum)[:, None]
-        grad_z = torch.zeros_like(z)
-        for bi, b in enumerate(ctx.blocks):
-            for k in range(b.num_chunks):
-                if (bi, k) in ctx.state:
-                    ea, negf, rows, cols, r = ctx.state[bi, k]
-                    g = (coef_neg * ea).mul_(negf)
-                    g[rows, cols] = coef_pos[rows] * r
-                else:
-                    sim, pos, neg = b.sim(z, k)
-                    ea = torch.exp((sim - m[:, None]).clamp_(max=_EXP_CLAMP))
-                    r = (ea + e_safe[:, None]).reciprocal_()
-                    g = torch.where(
-                        pos, coef_pos[:, None] * r, torch.where(neg, coef_neg * ea, 0.0)
-                    )
-                    del sim
-                    b.release(k)
-                grad_z += b.backprop(z, k, g)
-            if hasattr(b, "negative_max"):
-                grad_z += b.grad(wg, e_safe, r_sum)
-        return grad_z, None, None
+        (grad_z,) = ctx.saved_tensors
+        return grad * grad_z, None, None, None
+
+
+def _loss_gradient(
+    z: Tensor, blocks: list, state: dict, m: Tensor, e_safe: Tensor, r_sum: Tensor, w: Tensor
+) -> Tensor:
+    """``dloss/dz (N, D)`` (see :class:`_ContrastFunction`), from the blocks' kept matrices
+    and the banks as forward read them; each block's matrices are released as it is done."""
+    coef_pos = -w * e_safe
+    coef_neg = (w * r_sum)[:, None]
+    grad_z = torch.zeros_like(z)
+    for bi, b in enumerate(blocks):
+        for k in range(b.num_chunks):
+            if (bi, k) in state:
+                ea, negf, rows, cols, r = state.pop((bi, k))
+                g = (coef_neg * ea).mul_(negf)
+                g[rows, cols] = coef_pos[rows] * r
+            else:
+                sim, pos, neg = b.sim(z, k)
+                ea = torch.exp((sim - m[:, None]).clamp_(max=_EXP_CLAMP))
+                r = (ea + e_safe[:, None]).reciprocal_()
+                g = torch.where(pos, coef_pos[:, None] * r, torch.where(neg, coef_neg * ea, 0.0))
+                del sim
+                b.release(k)
+            grad_z += b.backprop(z, k, g)
+        if hasattr(b, "negative_max"):
+            grad_z += b.grad(w, e_safe, r_sum)
+    return grad_z
 
 
 def contrast_loss(
@@ -584,20 +603,25 @@ def contrast_loss(
     ``exp(s)`` itself and recompute with the maximum subtracted when logits leave about +-60
     (float32; +-600 in float64).
 
-    Memory: the loss is one autograd function with a closed-form backward. For backward it
-    keeps the in-batch ``N x N`` matrix, with ``bank_slots`` the ``N x C x K`` matrix
-    ``exp(s)`` (used while it takes at most ``cache_bytes``; one product with the memory in
-    forward and one in backward) and with ``bank_index`` the gathered ``N x K`` matrices. With
-    ``bank_index`` the bank rows are gathered in anchor chunks of at most
-    ``GATHER_CHUNK_ELEMENTS`` elements (64 MiB in float32) in forward and backward, so the
+    Gradient: the loss is one autograd function with a closed-form gradient, computed in
+    forward when autograd needs it (grad mode on and ``feats`` requiring a gradient) from the
+    bank exactly as it was read; backward only scales the kept ``(N, D)`` gradient, so writing
+    to the memory after the call (its push, a second micro-batch) cannot change it.
+
+    Memory: between the loss and its gradient the function keeps the in-batch ``N x N``
+    matrix, with ``bank_slots`` the ``N x C x K`` matrix ``exp(s)`` (used while it takes at
+    most ``cache_bytes``; one product with the memory for the loss and one for the gradient)
+    and with ``bank_index`` the gathered ``N x K`` matrices; all are freed when the call
+    returns. With ``bank_index`` the bank rows are gathered in anchor chunks of at most
+    ``GATHER_CHUNK_ELEMENTS`` elements (64 MiB in float32) in both passes, so the
     ``N x K x D`` gather never exists in one piece. Without it (a flat ``bank_feats``) the bank is
     processed in column chunks of ``chunk_elements // N`` entries (default
     ``LOSS_CHUNK_ELEMENTS`` on CPU, ``LOSS_CHUNK_ELEMENTS_GPU`` elsewhere), recomputing the
-    similarities in the two forward passes (maximum and negative sum with an online
-    log-sum-exp, then the positive terms) and in backward: peak memory is about nine
+    similarities in the two loss passes (maximum and negative sum with an online
+    log-sum-exp, then the positive terms) and in the gradient pass: peak memory is about nine
     ``N x cols`` matrices, never ``N x M``. When the ``N x M`` similarities take at most
-    ``cache_bytes`` (default ``LOSS_CACHE_BYTES``, 1 GiB) they are computed once and kept until
-    backward instead: two matrix products with the bank instead of four.
+    ``cache_bytes`` (default ``LOSS_CACHE_BYTES``, 1 GiB) they are computed once and kept for
+    the gradient instead: two matrix products with the bank instead of four.
     """
     if not temperature > 0 or not base_temperature > 0:
         raise ConfigError(
@@ -659,4 +683,5 @@ def contrast_loss(
                     )
                 rows = max(1, GATHER_CHUNK_ELEMENTS // max(1, index.shape[1] * bank.shape[1]))
                 blocks.append(_GatheredBankBlock(labels, bank, bank_labels, index, inv_tau, rows))
-        return _ContrastFunction.apply(z, blocks, temperature / base_temperature)
+        need_grad = torch.is_grad_enabled() and z.requires_grad
+        return _ContrastFunction.apply(z, blocks, temperature / base_temperature, need_grad)
