@@ -15,6 +15,7 @@ FLOORS: list[set[str]] = [
     {
         "errors",
         "files",
+        "safe_load",
         "checks",
         "randomness",
         "precision",

@@ -34,6 +34,7 @@ import torch
 
 from contrastseg.errors import CheckpointError
 from contrastseg.files import atomic_write
+from contrastseg.safe_load import first_line, load_weights_only
 
 # The ``format_version`` of the contrastseg checkpoints written here; the one that
 # contrastseg.engine.checkpoint reads (a test checks that the two agree).
@@ -253,18 +254,30 @@ class Conversion:
 
 
 def read_released(path: Path) -> dict[str, torch.Tensor]:
-    """The state dict of a released ``.pth`` file: read with ``weights_only=True``, taken from
-    ``state_dict`` (or ``model``) when wrapped, ``module.`` prefixes removed."""
+    """The state dict of a released ``.pth`` file: read with ``weights_only=True`` (NumPy
+    scalars and dtypes allowed: the released trainer stores its mIoU, a ``numpy.float64``, in
+    ``config_dict``), taken from ``state_dict`` (or ``model``) when wrapped, ``module.``
+    prefixes removed."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - truncated, foreign or unsafe files fail many ways
+        obj = load_weights_only(path, what="PyTorch checkpoint")
+    except CheckpointError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a global beyond the allow-list
         raise CheckpointError(
-            f"{path}: cannot read it as a PyTorch checkpoint with weights_only=True: {err}"
-        ) from err
+            f"{path}: refused: reading it with weights_only=True needs more than tensors, "
+            f"numbers, strings, NumPy scalars, lists and dicts ({_refused(err)})"
+        ) from None
     return unwrap(obj, str(path))
+
+
+def _refused(err: Exception) -> str:
+    """The line of torch's weights_only message that names what was refused."""
+    for line in str(err).splitlines():
+        line = line.strip().removeprefix("WeightsUnpickler error: ")
+        if line.startswith(("Unsupported", "Trying to load unsupported")):
+            return line.rstrip(".")
+    return first_line(err)
 
 
 def unwrap(obj: Any, where: str = "checkpoint") -> dict[str, torch.Tensor]:

@@ -2,8 +2,9 @@
 and the conversion of older formats.
 
 Every file is read with ``torch.load(..., weights_only=True)``: tensors, numbers, strings,
-lists, tuples and dicts are rebuilt, and nothing else is imported or called, so a checkpoint
-from an untrusted source cannot run code. What this module writes holds only those types.
+lists, tuples and dicts are rebuilt (and NumPy scalars and dtypes, see
+:mod:`contrastseg.safe_load`), and nothing else is imported or called, so a checkpoint from an
+untrusted source cannot run code. What this module writes holds only those types.
 
 Format history (``format_version`` in every checkpoint):
 
@@ -32,6 +33,13 @@ import torch
 
 from contrastseg.errors import CheckpointError
 from contrastseg.files import atomic_write
+from contrastseg.safe_load import (
+    allowed_names,
+    check_readable,
+    first_line,
+    is_refusal,
+    load_weights_only,
+)
 
 FORMAT_VERSION = 2
 _NAME = re.compile(r"^iter_(\d+)\.pt$")
@@ -137,12 +145,14 @@ def _resolve(name: str) -> Any:
 
 
 def _unsafe_globals(path: Path) -> list[str]:
-    """The classes and functions a file's pickle names beyond weights_only's own set (read
-    without unpickling); empty when the file cannot be parsed."""
+    """The classes and functions a file's pickle names beyond weights_only's own set and the
+    NumPy allow-list (read without unpickling); empty when the file cannot be parsed."""
     try:
-        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception:  # noqa: BLE001 - a file too broken to list is reported as corrupt
         return []
+    allowed = allowed_names()
+    return [name for name in names if name not in allowed]
 
 
 def read_file(path: Path, trust: bool = False) -> Any:
@@ -154,9 +164,7 @@ def read_file(path: Path, trust: bool = False) -> Any:
     import and the ``--trust-checkpoint`` option, and ``CheckpointError`` when it is missing,
     truncated or corrupt. Nothing of the file is executed before either error.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
+    path = check_readable(Path(path))
     allowed: list = list(_FORMAT1_GLOBALS)
     if trust:
         for name in _unsafe_globals(path):
@@ -169,12 +177,13 @@ def read_file(path: Path, trust: bool = False) -> Any:
                     "its tensors, numbers, strings, lists and dicts with torch.save"
                 ) from None
     try:
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        return load_weights_only(path, allowed)
+    except CheckpointError:
+        raise
     except Exception as err:  # noqa: BLE001 - a broken file can fail in many ways
         text = str(err)
         names = _unsafe_globals(path)
-        if names or "Weights only load failed" in text:
+        if names or is_refusal(err):
             reason = _weights_only_reason(text)
             what = f"it would import and call {names}" if names else reason
             if trust:
@@ -189,7 +198,7 @@ def read_file(path: Path, trust: bool = False) -> Any:
                 "allows what the file names)"
             ) from None
         raise CheckpointError(
-            f"{path}: cannot read checkpoint (truncated or corrupt?): {text.splitlines()[0]}"
+            f"{path}: cannot read checkpoint (truncated or corrupt?): {first_line(err)}"
         ) from err
 
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from contrastseg.errors import CheckpointError, ConfigError
 from contrastseg.model_table import BACKBONES, BackboneEntry
+from contrastseg.safe_load import check_readable, first_line, load_weights_only
 
 # ``model.backbone.name: "timm:<model>"`` takes any timm model that gives feature maps.
 TIMM_PREFIX = "timm:"
@@ -132,17 +133,18 @@ def load_backbone_weights(backbone: TimmBackbone, path: Path, strict: bool = Tru
     key is an error that lists them.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"model.backbone.weights: {path} does not exist")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            state = load_file(str(path))
+            state = load_file(str(check_readable(path, "backbone weights")))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_weights_only(path, what="backbone weights")
     except Exception as err:  # noqa: BLE001 - any reader failure is reported with the path
-        raise CheckpointError(f"{path}: cannot read backbone weights: {err}") from err
+        text = first_line(err).removeprefix(f"{path}: ")
+        raise CheckpointError(f"{path}: cannot read backbone weights: {text}") from err
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     own = backbone.body.state_dict()

@@ -1,0 +1,123 @@
+"""Reading a ``.pt``/``.pth`` file with ``torch.load(weights_only=True)``: the one place every
+reader of outside files goes through (checkpoints, released files, backbone weights).
+
+Besides torch's own set (tensors, numbers, strings, lists, tuples, dicts), the unpickler may
+build the NumPy scalars and dtypes that a training script's config commonly holds (a
+``numpy.float64`` mIoU from ``np.nanmean``, an ``np.int64`` count): the scalar constructor under
+its NumPy 2 name (``numpy._core.multiarray.scalar``) and its NumPy 1 name
+(``numpy.core.multiarray.scalar``), ``numpy.dtype``, and the numeric dtype classes
+(``numpy.dtypes.Float64DType`` and the like), which rebuild a dtype's state. None of them
+imports a module or calls code named by the file. NumPy arrays, and every other class or
+function, stay refused.
+
+A missing path, a folder, an empty file and a truncated or corrupt one raise ``CheckpointError``
+with one line that names the file; a file that needs more than the allow-list fails with
+torch's own ``pickle.UnpicklingError`` (callers word that refusal themselves).
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from contrastseg.errors import CheckpointError
+
+# dtype classes of plain numbers (numpy.dtypes, NumPy >= 1.25); object, void and string dtypes
+# are left out.
+_DTYPE_CLASSES = (
+    "BoolDType",
+    "Int8DType",
+    "UInt8DType",
+    "Int16DType",
+    "UInt16DType",
+    "Int32DType",
+    "UInt32DType",
+    "Int64DType",
+    "UInt64DType",
+    "LongDType",
+    "ULongDType",
+    "LongLongDType",
+    "ULongLongDType",
+    "Float16DType",
+    "Float32DType",
+    "Float64DType",
+    "LongDoubleDType",
+    "Complex64DType",
+    "Complex128DType",
+    "CLongDoubleDType",
+)
+SCALAR_NAMES = ("numpy._core.multiarray.scalar", "numpy.core.multiarray.scalar")
+
+
+def numpy_globals() -> list[Any]:
+    """The allow-list of NumPy scalars and dtypes, as ``torch.serialization.safe_globals``
+    takes it: objects, and ``(object, name)`` pairs for the names a pickle may spell them by."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # NumPy 1.x
+        from numpy.core.multiarray import scalar  # type: ignore[no-redef]
+    allowed: list[Any] = [(scalar, name) for name in SCALAR_NAMES]
+    allowed.append(np.dtype)
+    dtypes = getattr(np, "dtypes", None)
+    for name in _DTYPE_CLASSES:
+        cls = getattr(dtypes, name, None)
+        if cls is not None and cls not in allowed:
+            allowed.append(cls)
+    return allowed
+
+
+def allowed_names() -> set[str]:
+    """The ``module.name`` spellings :func:`numpy_globals` allows."""
+    names = set()
+    for entry in numpy_globals():
+        if isinstance(entry, tuple):
+            names.add(entry[1])
+        else:
+            names.add(f"{entry.__module__}.{entry.__qualname__}")
+    return names
+
+
+def check_readable(path: Path, what: str = "checkpoint") -> Path:
+    """``path`` when it is a non-empty file, else ``CheckpointError`` naming it and what is
+    wrong (missing, a folder, empty)."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a {what} file; give the file inside it")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: {what} not found")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the file is empty (0 bytes), not a {what}")
+    return path
+
+
+def is_refusal(err: BaseException) -> bool:
+    """Whether ``err`` is torch's weights_only refusal of a global (not a broken file)."""
+    return isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in str(err)
+
+
+def first_line(err: BaseException) -> str:
+    """The first sentence of an exception's message, or its type when it has none."""
+    text = " ".join(str(err).split())
+    for stop in (". ", "\n"):
+        text = text.split(stop)[0]
+    return text.rstrip(".") or type(err).__name__
+
+
+def load_weights_only(path: Path, extra: list[Any] | None = None, what: str = "checkpoint") -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)`` with :func:`numpy_globals`
+    (and ``extra``) allowed. See the module docstring for the errors."""
+    path = check_readable(path, what)
+    try:
+        with torch.serialization.safe_globals([*numpy_globals(), *(extra or [])]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - a broken file fails in many ways
+        if is_refusal(err):
+            raise
+        raise CheckpointError(
+            f"{path}: cannot read it as a {what} (truncated or corrupt?): {first_line(err)}"
+        ) from err
