@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 _API = {
     "ExperimentConfig": "contrastseg.config",
     "load_config": "contrastseg.config",
+    "show_config": "contrastseg.config",
     "Trainer": "contrastseg.engine.trainer",
     "TrainResult": "contrastseg.engine.trainer",
     "train": "contrastseg.workflow",

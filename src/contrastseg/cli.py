@@ -27,6 +27,8 @@ figures_app = typer.Typer(
     help="Result figures: baseline vs. ours with improved regions, t-SNE of pixel embeddings.",
 )
 app.add_typer(figures_app, name="figures")
+config_app = typer.Typer(no_args_is_help=True, help="Experiment configs.")
+app.add_typer(config_app, name="config")
 
 Overrides = Annotated[
     list[str] | None,
@@ -224,13 +226,32 @@ def report(
     table: Annotated[str, typer.Option(help="1, 2 or all.")] = "all",
     csv: Annotated[Path | None, typer.Option(help="Also write the rows as CSV here.")] = None,
     out: Annotated[Path | None, typer.Option(help="Also write the markdown here.")] = None,
+    checkpoint: Annotated[
+        str,
+        typer.Option(
+            help="last: each run's final evaluation; best: its best periodic evaluation "
+            "(checkpoints/best.pt, kept with train.eval_every)."
+        ),
+    ] = "last",
 ) -> None:
     """The supplement's Table 1 (s/iter, mIoU and gain) and Table 2 (losses) from run dirs."""
     from contrastseg.report import parse_tables, write_report
     from contrastseg.rundir import load_runs
 
     parse_tables(table)  # a wrong --table fails before any run is read
-    typer.echo(write_report(load_runs(run_dirs), out, csv, table), nl=False)
+    typer.echo(write_report(load_runs(run_dirs, checkpoint), out, csv, table), nl=False)
+
+
+@config_app.command("show")
+def config_show(
+    config: Annotated[Path, typer.Argument(help="Experiment YAML file.")],
+    overrides: Overrides = None,
+) -> None:
+    """Print the fully resolved config as YAML (base file merged, --set applied, every default
+    filled in), e.g. to compare two recipes with diff."""
+    from contrastseg import show_config
+
+    typer.echo(show_config(config, overrides or []), nl=False)
 
 
 @bench_app.command("loss")

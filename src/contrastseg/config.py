@@ -37,6 +37,9 @@ class DataConfig(_Section):
     cityscapes_coarse: bool = False
     # coco_stuff only: the 10k release (9k train / 1k test) or the 164k one (COCO 2017)
     coco_split: Literal["10k", "164k"] = "10k"
+    # camvid only: false: 11 classes, void (PNG value 11) ignored; true: void is a 12th class,
+    # trained and scored (the authors' configs/camvid/H_48_D_4.json)
+    camvid_void_class: bool = False
     # synthetic only: the data set is a pure function of (seed, split, index)
     seed: int = 0
     train_size: int = Field(1000, ge=1)
@@ -48,6 +51,17 @@ class DataConfig(_Section):
     scale_range: tuple[float, float] = (0.5, 2.0)
     flip: bool = True
     jitter: float = Field(0.2, ge=0.0, le=1.0)
+    # Training only (docs/training.md, "Augmentation"). short_side: first resize the image so
+    # that its shorter side has this length (null: no resize); aspect_range: the random scale's
+    # aspect ratio a (width scaled by s sqrt(a), height by s / sqrt(a)); brightness_shift: add
+    # randint[-v, v] (uint8 units) to every channel, always (0: off); interpolation: of the
+    # image's resize (labels: nearest); pad_position: where a crop larger than the scaled image
+    # places it (bottom_right: padding at the bottom and right; random: at a random offset).
+    short_side: int | None = Field(None, ge=8)
+    aspect_range: tuple[float, float] = (1.0, 1.0)
+    brightness_shift: int = Field(0, ge=0, le=255)
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    pad_position: Literal["bottom_right", "random"] = "bottom_right"
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     num_workers: int = Field(0, ge=0)
@@ -59,6 +73,10 @@ class DataConfig(_Section):
         if not 0 < self.scale_range[0] <= self.scale_range[1]:
             raise ValueError(
                 f"data.scale_range must satisfy 0 < min <= max, got {self.scale_range}"
+            )
+        if not 0 < self.aspect_range[0] <= self.aspect_range[1]:
+            raise ValueError(
+                f"data.aspect_range must satisfy 0 < min <= max, got {self.aspect_range}"
             )
         if min(self.crop_size) < 8 or min(self.image_size) < 8:
             raise ValueError("data.crop_size and data.image_size must be at least 8x8")
@@ -176,6 +194,27 @@ class CrossEntropyConfig(_Section):
     ohem: bool = False
     ohem_threshold: float = Field(0.7, gt=0.0, le=1.0)
     ohem_min_kept: int = Field(100000, ge=1)
+    # One weight per class (null: unweighted): the CE of a pixel of class c is multiplied by
+    # class_weights[c] and the sum divided by the sum of the weights of the labelled pixels (the
+    # weighted mean of torch's cross_entropy); applies to the auxiliary CE too.
+    class_weights: tuple[float, ...] | None = None
+    # Bilinear upsampling of the logits to the label size, for the CE terms
+    align_corners: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> CrossEntropyConfig:
+        w = self.class_weights
+        if w is not None:
+            if not w or min(w) < 0 or max(w) <= 0:
+                raise ValueError(
+                    "loss.ce.class_weights must be non-negative numbers, not all 0 (one per "
+                    f"class), got {w}"
+                )
+            if self.ohem:
+                raise ValueError(
+                    "loss.ce.class_weights and loss.ce.ohem cannot be combined: set one of them"
+                )
+        return self
 
 
 class MemoryConfig(_Section):
@@ -282,6 +321,9 @@ class OptimConfig(_Section):
     poly_power: float = Field(0.9, ge=0.0)
     warmup_iters: int = Field(0, ge=0)
     warmup_ratio: float = Field(0.1, gt=0.0, le=1.0)
+    # Learning rate of every parameter outside the backbone (decode and auxiliary heads, the
+    # contrast projection head) = lr x head_lr_mult; the backbone's is lr.
+    head_lr_mult: float = Field(1.0, gt=0.0)
 
 
 class TrainConfig(_Section):
@@ -293,6 +335,9 @@ class TrainConfig(_Section):
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(500, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
+    # Evaluate on the val split every eval_every iterations (0: only at the end); the
+    # checkpoint of the best val mIoU so far, the final evaluation included, is kept as
+    # checkpoints/best.pt (never rotated away) and named in eval.json ("best").
     eval_every: int = Field(0, ge=0)
     deterministic: bool = False
     threads: int = Field(0, ge=0)
@@ -466,7 +511,31 @@ def load_config(
         raise ConfigError(_format_errors(where, err)) from None
 
 
+class _Dumper(yaml.SafeDumper):
+    """Lists of numbers and strings on one line (``crop_size: [512, 1024]``)."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
+    flat = all(isinstance(v, int | float | str | bool) or v is None for v in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flat)
+
+
+_Dumper.add_representer(list, _represent_list)
+
+
+def format_config(cfg: ExperimentConfig) -> str:
+    """The resolved config as YAML: every key, defaults filled in, in the order of the
+    sections (what ``contrastseg config show`` prints and ``save_config`` writes)."""
+    return yaml.dump(cfg.to_dict(), Dumper=_Dumper, sort_keys=False, width=1 << 20)
+
+
+def show_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> str:
+    """:func:`load_config` then :func:`format_config`: the YAML of the fully resolved config,
+    so that two recipes compare with ``diff``."""
+    return format_config(load_config(path, overrides))
+
+
 def save_config(cfg: ExperimentConfig, path: Path) -> None:
     """Write the resolved config as YAML."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    path.write_text(format_config(cfg))

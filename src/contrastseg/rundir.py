@@ -1,7 +1,9 @@
 """Read a finished run directory: its config, its val mIoU and its training speed.
 
 A run directory is what ``contrastseg train`` writes (``config.yaml``, ``metrics.jsonl``,
-``eval.json``); ``contrastseg eval`` (re)writes ``eval.json``.
+``eval.json``); ``contrastseg eval`` (re)writes ``eval.json``. A run trained with
+``train.eval_every`` also names its best checkpoint there (``best``: iteration and mIoU of
+``checkpoints/best.pt``), which ``checkpoint="best"`` reads instead of the final evaluation.
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ from pathlib import Path
 from contrastseg.config import ExperimentConfig, load_config
 from contrastseg.errors import ContrastSegError
 
-__all__ = ["RunRecord", "load_run", "load_runs", "median_s_per_iter", "read_eval"]
+__all__ = ["CHECKPOINTS", "RunRecord", "load_run", "load_runs", "median_s_per_iter", "read_eval"]
+
+#: Which evaluation of a run counts: the final one (``last``) or that of ``checkpoints/best.pt``.
+CHECKPOINTS = ("last", "best")
 
 
 @dataclass(frozen=True)
@@ -29,8 +34,11 @@ class RunRecord:
     s_per_iter: float | None  # None: fewer than two timed records in metrics.jsonl
 
 
-def read_eval(path: Path) -> tuple[float, str | None]:
-    """``(mIoU, split)`` of an ``eval.json``; split is None where the file does not name one."""
+def read_eval(path: Path, checkpoint: str = "last") -> tuple[float, str | None]:
+    """``(mIoU, split)`` of an ``eval.json``; split is None where the file does not name one.
+    ``checkpoint="best"``: the mIoU of its ``best`` entry (the best periodic evaluation)."""
+    if checkpoint not in CHECKPOINTS:
+        raise ContrastSegError(f"checkpoint {checkpoint!r}: choose one of {', '.join(CHECKPOINTS)}")
     run = path.parent
     if not path.is_file():
         raise ContrastSegError(
@@ -43,6 +51,14 @@ def read_eval(path: Path) -> tuple[float, str | None]:
         raise ContrastSegError(
             f"{path}: not valid JSON ({err}); rerun `contrastseg eval` to rewrite it"
         ) from None
+    if checkpoint == "best":
+        best = data.get("best") if isinstance(data, dict) else None
+        if not isinstance(best, dict):
+            raise ContrastSegError(
+                f"{path}: no 'best' entry, so {run} kept no best checkpoint; train with "
+                "train.eval_every > 0 to keep one, or use the last checkpoint"
+            )
+        data = {**data, "mIoU": best.get("mIoU")}
     miou = data.get("mIoU") if isinstance(data, dict) else None
     if isinstance(miou, bool) or not isinstance(miou, int | float) or not 0 <= miou <= 1:
         raise ContrastSegError(
@@ -88,8 +104,9 @@ def median_s_per_iter(path: Path) -> float | None:
     return statistics.median(times[1:]) if len(times) > 1 else None
 
 
-def load_run(path: str | Path) -> RunRecord:
-    """Read ``config.yaml`` (validated), ``eval.json`` and ``metrics.jsonl`` of a run."""
+def load_run(path: str | Path, checkpoint: str = "last") -> RunRecord:
+    """Read ``config.yaml`` (validated), ``eval.json`` and ``metrics.jsonl`` of a run; the
+    mIoU of the final evaluation, or with ``checkpoint="best"`` that of the best checkpoint."""
     path = Path(path)
     if not path.is_dir():
         raise ContrastSegError(f"{path}: not a directory; pass run directories such as runs/NAME")
@@ -100,7 +117,7 @@ def load_run(path: str | Path) -> RunRecord:
             "writes config.yaml there"
         )
     cfg = load_config(config)
-    miou, split = read_eval(path / "eval.json")
+    miou, split = read_eval(path / "eval.json", checkpoint)
     return RunRecord(
         path=path,
         cfg=cfg,
@@ -110,7 +127,9 @@ def load_run(path: str | Path) -> RunRecord:
     )
 
 
-def load_runs(paths: list[str | Path] | tuple[str | Path, ...]) -> list[RunRecord]:
+def load_runs(
+    paths: list[str | Path] | tuple[str | Path, ...], checkpoint: str = "last"
+) -> list[RunRecord]:
     """:func:`load_run` for each path; a directory given twice is read once."""
     runs: list[RunRecord] = []
     seen: set[Path] = set()
@@ -118,5 +137,5 @@ def load_runs(paths: list[str | Path] | tuple[str | Path, ...]) -> list[RunRecor
         key = Path(p).resolve()
         if key not in seen:
             seen.add(key)
-            runs.append(load_run(p))
+            runs.append(load_run(p, checkpoint))
     return runs

@@ -94,6 +94,11 @@ def build_train_dataset(cfg: DataConfig, seed: int) -> SegmentationDataset:
         jitter=cfg.jitter,
         mean=cfg.mean,
         std=cfg.std,
+        short_side=cfg.short_side,
+        aspect_range=tuple(cfg.aspect_range),
+        brightness_shift=cfg.brightness_shift,
+        interpolation=cfg.interpolation,
+        pad_position=cfg.pad_position,
     )
     return SegmentationDataset(source, transform, seed=seed)
 

@@ -8,6 +8,7 @@ pixels hold ``ignore_index``. Every random number comes from the ``torch.Generat
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -79,6 +80,49 @@ def _resize_bilinear(
     return img
 
 
+def _cubic_taps(t: torch.Tensor) -> list[torch.Tensor]:
+    """Weights of the 4 taps at offsets -1, 0, 1, 2 from ``floor(src)``, ``t = src -
+    floor(src)``: Keys' cubic convolution with a = -0.75 (OpenCV's INTER_CUBIC, torch's
+    bicubic)."""
+    a = -0.75
+
+    def near(x: torch.Tensor) -> torch.Tensor:  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x: torch.Tensor) -> torch.Tensor:  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    return [far(t + 1), near(t), near(1 - t), far(2 - t)]
+
+
+def _resize_bicubic(
+    img: torch.Tensor, h: int, w: int, window: tuple[slice, slice] | None = None
+) -> torch.Tensor:
+    """Bicubic resize of (3, H, W) to (h, w), half-pixel centres, border pixels repeated (the
+    taps of OpenCV's INTER_CUBIC and of ``F.interpolate(mode="bicubic",
+    align_corners=False)``), clamped to [0, 1]. ``window`` as in :func:`_resize_bilinear`; built
+    from gathers and element-wise ops, so the result does not depend on the thread count."""
+    rows, cols = window or (slice(None), slice(None))
+    for dim, size, part in ((1, h, rows), (2, w, cols)):
+        n = img.shape[dim]
+        src = _source_coords(n, size)[part]
+        base = src.floor()
+        taps = _cubic_taps(src - base)
+        base = base.long()
+        out = None
+        for k, weight in zip(range(-1, 3), taps, strict=True):
+            index = (base + k).clamp_(0, n - 1)
+            weight = weight.to(torch.float32)
+            weight = weight.view(-1, 1) if dim == 1 else weight.view(1, -1)
+            term = img.index_select(dim, index) * weight
+            out = term if out is None else out + term
+        img = out
+    return img.clamp_(0.0, 1.0)
+
+
+_RESIZE = {"bilinear": _resize_bilinear, "bicubic": _resize_bicubic}
+
+
 def _resize_nearest(
     mask: torch.Tensor, h: int, w: int, window: tuple[slice, slice] | None = None
 ) -> torch.Tensor:
@@ -111,11 +155,19 @@ class TrainTransform:
     """Random scale, pad, random crop, horizontal flip, colour jitter, normalise.
 
     ``crop_size`` is (height, width); the outputs are image (3, h, w) float32 and mask (h, w)
-    int64 with exactly that size. The image is resized bilinearly and the mask by nearest
-    neighbour, both sampling at pixel centres so they stay aligned. Padding (bottom and
-    right) uses the mean colour for the image (0 after normalising) and ``ignore_index`` for
-    the mask. Jitter draws brightness, contrast and saturation factors in
+    int64 with exactly that size. The image is resized bilinearly (``interpolation="bicubic"``:
+    bicubic) and the mask by nearest neighbour, both sampling at pixel centres so they stay
+    aligned. Padding (bottom and right; ``pad_position="random"``: the scaled image at a random
+    offset inside the crop) uses the mean colour for the image (0 after normalising) and
+    ``ignore_index`` for the mask. Jitter draws brightness, contrast and saturation factors in
     ``[1 - jitter, 1 + jitter]``.
+
+    ``short_side``: the image is first brought to that shorter side (``round(h x f)``,
+    ``round(w x f)``, ``f = short_side / min(h, w)``) and the random scale applies to that size;
+    both happen in one resize. ``aspect_range``: the scale ``s`` becomes ``s sqrt(a)`` for the
+    width and ``s / sqrt(a)`` for the height, ``a`` uniform in the range. ``brightness_shift``
+    ``v``: every channel of the scaled crop (not the padding) gets the same integer shift drawn
+    uniformly from ``[-v, v]`` in 0-255 units, rounded to whole 0-255 units and clipped.
     """
 
     def __init__(
@@ -127,6 +179,12 @@ class TrainTransform:
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         ignore_index: int = IGNORE_INDEX,
+        *,
+        short_side: int | None = None,
+        aspect_range: tuple[float, float] = (1.0, 1.0),
+        brightness_shift: int = 0,
+        interpolation: str = "bilinear",
+        pad_position: str = "bottom_right",
     ) -> None:
         try:
             ch, cw = (int(v) for v in crop_size)
@@ -139,6 +197,26 @@ class TrainTransform:
             raise DataError(f"scale_range must satisfy 0 < min <= max, got {scale_range!r}")
         if not 0.0 <= jitter <= 1.0:
             raise DataError(f"jitter must be in [0, 1] (0 disables it), got {jitter!r}")
+        a_lo, a_hi = (float(v) for v in aspect_range)
+        if not 0 < a_lo <= a_hi:
+            raise DataError(f"aspect_range must satisfy 0 < min <= max, got {aspect_range!r}")
+        if short_side is not None and int(short_side) < 1:
+            raise DataError(f"short_side must be positive (or None), got {short_side!r}")
+        if not 0 <= int(brightness_shift) <= 255:
+            raise DataError(f"brightness_shift must be in [0, 255], got {brightness_shift!r}")
+        if interpolation not in _RESIZE:
+            raise DataError(
+                f"interpolation must be one of {sorted(_RESIZE)}, got {interpolation!r}"
+            )
+        if pad_position not in ("bottom_right", "random"):
+            raise DataError(
+                f"pad_position must be 'bottom_right' or 'random', got {pad_position!r}"
+            )
+        self.short_side = None if short_side is None else int(short_side)
+        self.aspect_range = (a_lo, a_hi)
+        self.brightness_shift = int(brightness_shift)
+        self.interpolation = interpolation
+        self.pad_position = pad_position
         self.crop_size = (ch, cw)
         self.scale_range = (lo, hi)
         self.flip = bool(flip)
@@ -151,12 +229,23 @@ class TrainTransform:
         self, image: np.ndarray, mask: np.ndarray, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
         img, msk = _to_tensors(image, mask, self.ignore_index)
-        # One fixed block of draws, so options never shift the other draws.
+        # Fixed blocks of draws, so options never shift the other draws: the first block as it
+        # always was, the second for the options added later (aspect, brightness, pad offset).
         u = torch.rand(7, generator=generator, dtype=torch.float64).tolist()
+        v = torch.rand(4, generator=generator, dtype=torch.float64).tolist()
         lo, hi = self.scale_range
         scale = lo + (hi - lo) * u[0]
         h, w = msk.shape
-        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        bh, bw = h, w  # the size the random scale applies to
+        if self.short_side is not None:
+            f = self.short_side / min(h, w)
+            bh, bw = max(1, round(h * f)), max(1, round(w * f))
+        sh = sw = scale
+        if self.aspect_range != (1.0, 1.0):
+            a_lo, a_hi = self.aspect_range
+            aspect = a_lo + (a_hi - a_lo) * v[0]
+            sw, sh = scale * math.sqrt(aspect), scale / math.sqrt(aspect)
+        nh, nw = max(1, round(bh * sh)), max(1, round(bw * sw))
         ch, cw = self.crop_size
         ph, pw = max(ch, nh), max(cw, nw)  # the scaled image padded to at least the crop
         y0 = min(int(u[1] * (ph - ch + 1)), ph - ch)
@@ -165,17 +254,25 @@ class TrainTransform:
         # resizing everything and cropping afterwards, at a fraction of the cost.
         window = (slice(y0, min(y0 + ch, nh)), slice(x0, min(x0 + cw, nw)))
         if (nh, nw) != (h, w):
-            img = _resize_bilinear(img, nh, nw, window)
+            img = _RESIZE[self.interpolation](img, nh, nw, window)
             msk = _resize_nearest(msk, nh, nw, window)
         else:
             img, msk = img[:, window[0], window[1]], msk[window[0], window[1]]
+        if self.brightness_shift:
+            b = self.brightness_shift
+            shift = min(int(v[1] * (2 * b + 1)), 2 * b) - b  # uniform in [-b, b]
+            img = (img * 255.0 + shift).round_().clamp_(0.0, 255.0).div_(255.0)
         vh, vw = msk.shape
-        if (vh, vw) != (ch, cw):  # the crop reaches into the padding (bottom and right)
+        if (vh, vw) != (ch, cw):  # the crop reaches into the padding
+            oy = ox = 0  # bottom_right: the padding below and to the right
+            if self.pad_position == "random":
+                oy = min(int(v[2] * (ch - vh + 1)), ch - vh)
+                ox = min(int(v[3] * (cw - vw + 1)), cw - vw)
             padded = self.mean.expand(3, ch, cw).clone()
-            padded[:, :vh, :vw] = img
+            padded[:, oy : oy + vh, ox : ox + vw] = img
             img = padded
             padded_mask = torch.full((ch, cw), self.ignore_index, dtype=torch.int64)
-            padded_mask[:vh, :vw] = msk
+            padded_mask[oy : oy + vh, ox : ox + vw] = msk
             msk = padded_mask
         if self.flip and u[3] < 0.5:
             img = img.flip(-1)

@@ -51,7 +51,7 @@ def sgd_step(
     norm, fraction = None, 1.0
     if accum > 1:
         # CE of each micro-batch is divided by the labelled pixels of the whole step.
-        norm = labelled_pixels_per_process(target, loss_set.ignore_index)
+        norm = labelled_pixels_per_process(target, loss_set.ignore_index, loss_set.class_weights)
         fraction = 1.0 / accum
     optimizer.zero_grad(set_to_none=True)
     # Batch-norm running statistics change in the forward pass: a skipped step restores them.

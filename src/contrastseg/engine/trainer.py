@@ -47,6 +47,23 @@ def poly_lr(cfg: OptimConfig, it: int, total: int) -> float:
     return cfg.lr * (1.0 - it / total) ** cfg.poly_power
 
 
+def model_parameter_groups(
+    model: torch.nn.Module, extra: list[torch.nn.Parameter], head_lr_mult: float = 1.0
+) -> list[dict]:
+    """The optimiser groups of the model's parameters and ``extra`` (the contrast projection
+    head): one group when ``head_lr_mult`` is 1; otherwise the backbone's parameters
+    (``model.backbone``) at the base learning rate and every other one at ``lr_mult =
+    head_lr_mult`` (the trainer sets each group's lr to the base lr x its ``lr_mult``)."""
+    params = list(model.parameters()) + list(extra)
+    if head_lr_mult == 1.0:
+        return [{"params": params}]
+    backbone = {id(p) for p in model.backbone.parameters()}
+    return [
+        {"params": [p for p in params if id(p) in backbone]},
+        {"params": [p for p in params if id(p) not in backbone], "lr_mult": head_lr_mult},
+    ]
+
+
 def check_micro_batches(batch_size: int, grad_accum: int, world_size: int) -> None:
     """Each process's share of a step must split into ``grad_accum`` equal micro-batches."""
     if batch_size % (world_size * grad_accum):
@@ -129,12 +146,14 @@ class Trainer:
         self.loss_set = LossSet(
             cfg.loss, self.num_classes, contrast=contrast, total_iters=cfg.train.iters
         ).to(self.device)
-        # The projection head trains with the model (same group); the loss set's own
-        # parameters (AAF's adaptive weights, trained by gradient ascent through a reversed
-        # gradient) join as a second group with their own lr_mult.
+        # The projection head trains with the model's heads; the loss set's own parameters
+        # (AAF's adaptive weights, trained by gradient ascent through a reversed gradient) join
+        # as a further group with their own lr_mult.
         self.optimizer = torch.optim.SGD(
             [
-                {"params": list(self.model.parameters()) + self.loss_set.model_parameters()},
+                *model_parameter_groups(
+                    self.model, self.loss_set.model_parameters(), cfg.optim.head_lr_mult
+                ),
                 *self.loss_set.optimizer_groups(),
             ],
             lr=cfg.optim.lr,
@@ -161,6 +180,9 @@ class Trainer:
         self.forward = torch.compile(forward) if cfg.train.compile else forward
         check_micro_batches(cfg.train.batch_size, cfg.train.grad_accum, self.dist.world_size)
         self.iteration = 0
+        # {"iteration", "mIoU"} of checkpoints/best.pt, the best val evaluation so far (with
+        # train.eval_every); part of every checkpoint, so a resumed run keeps comparing with it
+        self.best: dict | None = None
         if resume:
             self._resume(reason)
         elif ckpt.list_checkpoints(self.ckpt_dir):
@@ -189,6 +211,7 @@ class Trainer:
             },
             "processes": processes if processes is not None else [self._process_state()],
             "environment": environment_info(self.device),
+            "best": self.best,
         }
 
     def _process_state(self) -> dict:
@@ -255,6 +278,7 @@ class Trainer:
         if mine["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(mine["rng"]["cuda"])
         self.iteration = state["iteration"]
+        self.best = state.get("best")
         log.info("resumed from %s at iteration %d (%s)", path, self.iteration, reason)
 
     def save_checkpoint(self) -> Path:
@@ -266,6 +290,26 @@ class Trainer:
             ckpt.atomic_save(self.state_dict(processes), path)
             ckpt.rotate(self.ckpt_dir, self.cfg.train.keep_checkpoints)
         return path
+
+    @property
+    def best_path(self) -> Path:
+        """``checkpoints/best.pt``: outside the rotation (it has no iteration in its name)."""
+        return self.ckpt_dir / "best.pt"
+
+    def update_best(self, miou: float) -> bool:
+        """With ``train.eval_every``: when ``miou`` beats the best so far (strictly, the first
+        evaluation always), record this iteration as the best and write ``best.pt`` (rank 0;
+        every process calls it, as :meth:`save_checkpoint`). Returns whether it did."""
+        if not self.cfg.train.eval_every:
+            return False
+        if self.best is not None and not miou > self.best["mIoU"]:
+            return False
+        self.best = {"iteration": self.iteration, "mIoU": float(miou)}
+        processes = self.process_states()
+        if self.dist.is_main:
+            ckpt.atomic_save(self.state_dict(processes), self.best_path)
+            log.info("iteration %d: best val mIoU so far, wrote %s", self.iteration, self.best_path)
+        return True
 
     # --- training --------------------------------------------------------------------------
     def _loader(self) -> DataLoader:
@@ -384,7 +428,9 @@ class Trainer:
                 if stopping and self.iteration < total:
                     path = self.save_checkpoint()
                     raise TrainingInterrupted(stop.received or signal.SIGTERM, self.iteration, path)
-                if cfg.train.eval_every and self.iteration % cfg.train.eval_every == 0:
+                # (the last iteration's evaluation is the final one, below)
+                every = cfg.train.eval_every
+                if every and self.iteration % every == 0 and self.iteration < total:
                     self._evaluate(writer, final=False)
         if self.iteration > start_iter or not ckpt.list_checkpoints(self.ckpt_dir):
             self.save_checkpoint()
@@ -412,6 +458,7 @@ class Trainer:
             rank=self.dist.rank,
             world_size=self.dist.world_size,
         )
+        self.update_best(metrics["mIoU"])  # the same metrics on every process
         if not self.dist.is_main:
             return metrics, []
         for key in ("mIoU", "pixel_acc", "mean_acc", "fwIoU"):
@@ -419,9 +466,10 @@ class Trainer:
         if not final:
             log.info("iteration %d: val mIoU %.2f%%", self.iteration, 100 * metrics["mIoU"])
             return metrics, []
-        write_eval_json(
-            metrics, self.class_names, self.run_dir / "eval.json", iteration=self.iteration
-        )
+        extra: dict = {"iteration": self.iteration}
+        if self.best is not None:
+            extra["best"] = {**self.best, "checkpoint": "checkpoints/best.pt"}
+        write_eval_json(metrics, self.class_names, self.run_dir / "eval.json", **extra)
         print(format_table(metrics, self.class_names))
         return metrics, samples
 

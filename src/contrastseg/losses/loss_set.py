@@ -50,6 +50,19 @@ class LossSet(nn.Module):
         self.cfg = cfg
         self.ignore_index = ignore_index
         self.contrast = contrast
+        weights = cfg.ce.class_weights
+        if weights is not None and len(weights) != num_classes:
+            raise ConfigError(
+                f"loss.ce.class_weights has {len(weights)} values but the data set has "
+                f"{num_classes} classes: give one weight per class, in train-id order (or null)"
+            )
+        # Not in state_dict: the config holds the weights, and old checkpoints stay loadable.
+        self.class_weights: torch.Tensor | None
+        self.register_buffer(
+            "class_weights",
+            None if weights is None else torch.tensor(weights, dtype=torch.float32),
+            persistent=False,
+        )
         self.aaf: AAFLoss | None = None
         if cfg.aaf.enabled:
             a = cfg.aaf
@@ -109,8 +122,9 @@ class LossSet(nn.Module):
         full-batch values."""
         cfg = self.cfg
         norm = pixel_normalizer
+        weights, corners = self.class_weights, cfg.ce.align_corners
         if norm is None:
-            norm = global_pixel_normalizer(target, self.ignore_index)
+            norm = global_pixel_normalizer(target, self.ignore_index, weights)
         seg = outputs["seg"]
         if cfg.ce.ohem:
             ce = fraction * ohem_cross_entropy(
@@ -120,13 +134,16 @@ class LossSet(nn.Module):
                 cfg.ce.ohem_min_kept,
                 self.ignore_index,
                 over_processes=True,
+                align_corners=corners,
             )
         else:
-            ce = cross_entropy(seg, target, self.ignore_index, norm)
+            ce = cross_entropy(seg, target, self.ignore_index, norm, weights, corners)
         terms: dict[str, torch.Tensor] = {"ce": ce}
         total = cfg.ce.weight * terms["ce"]
         if "aux" in outputs:
-            terms["aux_ce"] = cross_entropy(outputs["aux"], target, self.ignore_index, norm)
+            terms["aux_ce"] = cross_entropy(
+                outputs["aux"], target, self.ignore_index, norm, weights, corners
+            )
             total = total + cfg.ce.aux_weight * terms["aux_ce"]
         if self.active("lovasz", step):
             c = cfg.lovasz

@@ -64,12 +64,13 @@ def ohem_cross_entropy(
     ignore_index: int = 255,
     normalizer: Tensor | float | None = None,
     over_processes: bool = False,
+    align_corners: bool = False,
 ) -> Tensor:
     """CE over the pixels :func:`ohem_mask` keeps, divided by ``normalizer`` (default: their
     number; with ``over_processes`` under DDP, the kept pixels of every process / world size,
     so that DDP's gradient averaging gives the global mean). Exactly 0, with a graph, when no
     pixel is labelled."""
-    x = upsample_to(logits, tuple(target.shape[-2:]))
+    x = upsample_to(logits, tuple(target.shape[-2:]), align_corners)
     keep = ohem_mask(x, target, threshold, min_kept, ignore_index)
     kept_target = torch.where(keep, target.to(x.device, torch.long), ignore_index)
     if normalizer is None and over_processes:
