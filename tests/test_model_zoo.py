@@ -14,7 +14,7 @@ import torch
 from contrastseg.config import ModelConfig, load_config
 from contrastseg.contrast import PixelContrast
 from contrastseg.errors import CheckpointError, ConfigError
-from contrastseg.model_table import TABLE1
+from contrastseg.model_table import OTHER_SEGMENTERS, TABLE1
 from contrastseg.models import InferenceModel, build_model, count_parameters
 from contrastseg.models.backbones import TimmBackbone, load_backbone_weights
 from contrastseg.models.summary import (
@@ -294,7 +294,10 @@ def test_summary_flops_scale_with_pixels_and_training_costs_more():
 
 def test_models_lists_every_architecture():
     pairs = architectures()
-    assert len(pairs) == 5 + 2 + 7 and set(TABLE1.values()) <= set(pairs)
+    # 6 dilated backbones (deeplabv3, pspnet, deeplabv3plus), 2 HRNets (hrnetv2), all 8 (ocr,
+    # upernet), and UPerNet on timm:convnext_tiny
+    assert len(pairs) == 3 * 6 + 2 + 2 * 8 + 1
+    assert set(TABLE1.values()) | set(OTHER_SEGMENTERS.values()) <= set(pairs)
     text = format_models(list_models())
     for backbone, head in pairs:
         assert backbone in text and head in text
@@ -303,7 +306,11 @@ def test_models_lists_every_architecture():
 
 
 def table1_configs():
-    return sorted(CONFIGS.glob("*_ce.yaml")) + sorted(CONFIGS.glob("*_contrast.yaml"))
+    paths = sorted(CONFIGS.glob("*_ce.yaml")) + sorted(CONFIGS.glob("*_contrast.yaml"))
+    stems = {p.name.rsplit("_", 1)[0] for p in paths}
+    # the other segmenters' configs follow their own references (tests/test_new_heads.py)
+    assert stems == set(TABLE1) | set(OTHER_SEGMENTERS)
+    return [p for p in paths if p.name.rsplit("_", 1)[0] in TABLE1]
 
 
 def test_every_table1_config_loads_and_builds():

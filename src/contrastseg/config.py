@@ -142,14 +142,24 @@ class ModelConfig(_Section):
     backbone: BackboneConfig = BackboneConfig()
     # deeplabv3: ASPP on the last stage of a dilated backbone (+ FCN auxiliary head);
     # hrnetv2: the four HRNet branches concatenated at stride 4 (no auxiliary head);
-    # ocr: object-contextual representations (its soft-object-region head is the auxiliary).
-    head: Literal["deeplabv3", "hrnetv2", "ocr"] = "deeplabv3"
+    # ocr: object-contextual representations (its soft-object-region head is the auxiliary);
+    # pspnet: pyramid pooling on the last stage of a dilated backbone (+ FCN auxiliary head);
+    # deeplabv3plus: ASPP on the last stage (output stride 16 unless set) and a decoder with
+    # the stride-4 stage; upernet: pyramid pooling + FPN over all stages, fused at stride 4
+    # (output stride 32 unless set: the backbone is not dilated). docs/models.md.
+    head: Literal["deeplabv3", "hrnetv2", "ocr", "pspnet", "deeplabv3plus", "upernet"] = "deeplabv3"
     # released: the layer layout of the authors' released code (docs/models.md); compact: the
     # lighter layout (1x1 ASPP projection, 1x1 HRNetV2 head, no conv biases before BN).
     head_variant: Literal["released", "compact"] = "released"
-    # deeplabv3 only: ASPP width; null: 512 for the released layout, 256 for the compact one
+    # Width of the decode head; null: deeplabv3: 512 for the released layout, 256 for the
+    # compact one; pspnet and upernet: 512; deeplabv3plus: 256 (ASPP and decoder). Not used by
+    # hrnetv2 and ocr.
     head_channels: int | None = Field(None, ge=8)
+    # deeplabv3 and deeplabv3plus; deeplabv3plus without a value: 6/12/18 at output stride 16,
+    # scaled by 16 / output stride (12/24/36 at 8)
     aspp_rates: tuple[int, int, int] = (12, 24, 36)
+    # pspnet and upernet: the bins of the pyramid pooling
+    ppm_bins: tuple[int, ...] = (1, 2, 3, 6)
     aux: bool = True  # the FCN auxiliary head of deeplabv3 (hrnetv2 has none; ocr always has one)
     aux_channels: int = Field(256, ge=8)
     # before the classifier of the compact deeplabv3 and FCN heads and of the released hrnetv2
@@ -168,8 +178,42 @@ class ModelConfig(_Section):
     ocr_aux_channels: int | None = Field(None, ge=8)
     ocr_dropout: float = Field(0.05, ge=0.0, lt=1.0)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _head_defaults(cls, data: Any) -> Any:
+        """deeplabv3plus: output stride 16, ASPP rates 6/12/18 x 16 / stride and no auxiliary
+        head unless given; upernet: output stride 32 (an undilated backbone) unless given, HRNet
+        excepted."""
+        if not isinstance(data, dict) or data.get("head") not in ("deeplabv3plus", "upernet"):
+            return data
+        data = dict(data)
+        backbone = data.get("backbone", {})
+        if isinstance(backbone, BackboneConfig):
+            given = "output_stride" in backbone.model_fields_set
+            name, stride = backbone.name, backbone.output_stride
+        elif isinstance(backbone, dict):
+            given = "output_stride" in backbone
+            name = str(backbone.get("name", BackboneConfig.model_fields["name"].default))
+            stride = backbone.get("output_stride")
+        else:
+            return data
+        if not given and not name.startswith("hrnet"):
+            stride = 16 if data["head"] == "deeplabv3plus" else 32
+            if isinstance(backbone, BackboneConfig):
+                data["backbone"] = backbone.model_copy(update={"output_stride": stride})
+            else:
+                data["backbone"] = {**backbone, "output_stride": stride}
+        if data["head"] == "deeplabv3plus":
+            data.setdefault("aux", False)  # the reference has no auxiliary head
+            if "aspp_rates" not in data and stride in (8, 16, 32):
+                data["aspp_rates"] = tuple(r * 16 // stride for r in (6, 12, 18))
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
+        bins = self.ppm_bins
+        if not bins or min(bins) < 1 or len(set(bins)) != len(bins):
+            raise ValueError(f"model.ppm_bins must be distinct integers >= 1, got {bins}")
         name = self.backbone.name
         if name.startswith("timm:"):  # checked when the backbone is built
             return self
@@ -182,6 +226,12 @@ class ModelConfig(_Section):
             raise ValueError(
                 f"model.head = 'deeplabv3' needs a dilated backbone, got model.backbone.name = "
                 f"{name!r}; use model.head: hrnetv2 or ocr with HRNet"
+            )
+        if self.head in ("pspnet", "deeplabv3plus") and self.backbone.is_hrnet:
+            raise ValueError(
+                f"model.head = {self.head!r} needs a dilatable backbone, got "
+                f"model.backbone.name = {name!r}; use model.head: upernet, hrnetv2 or ocr with "
+                "HRNet"
             )
         return self
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["BACKBONES", "BACKBONE_NAMES", "HEADS", "TABLE1", "BackboneEntry"]
+__all__ = ["BACKBONES", "BACKBONE_NAMES", "HEADS", "OTHER_SEGMENTERS", "TABLE1", "BackboneEntry"]
 
 
 @dataclass(frozen=True)
@@ -90,13 +90,28 @@ BACKBONES: dict[str, BackboneEntry] = {
             "HRNetV2-W48, four branches 48/96/192/384 at strides 4-32",
             "HRNetV2-W48",
         ),
+        BackboneEntry(
+            "xception71",
+            "xception71",
+            False,
+            ("head.",),
+            "D-Xception-71: aligned Xception-71 of DeepLabV3+, dilated",
+            "D-Xception-71",
+        ),
     )
 }
 #: The allowed values of ``model.backbone.name`` besides ``timm:<model>``.
 BACKBONE_NAMES: tuple[str, ...] = tuple(BACKBONES)
 
 #: ``model.head`` -> its name in reports, in the supplement's order.
-HEADS: dict[str, str] = {"deeplabv3": "DeepLabV3", "hrnetv2": "HRNetV2", "ocr": "OCR"}
+HEADS: dict[str, str] = {
+    "deeplabv3": "DeepLabV3",
+    "hrnetv2": "HRNetV2",
+    "ocr": "OCR",
+    "pspnet": "PSPNet",
+    "deeplabv3plus": "DeepLabV3+",
+    "upernet": "UPerNet",
+}
 
 #: The rows of the supplement's Table 1: config stem -> (backbone, head).
 TABLE1: dict[str, tuple[str, str]] = {
@@ -107,4 +122,13 @@ TABLE1: dict[str, tuple[str, str]] = {
     "hrnetv2_w48": ("hrnetv2_w48", "hrnetv2"),
     "ocr_resnet101": ("resnet101_deep", "ocr"),
     "ocr_hrnetv2_w48": ("hrnetv2_w48", "ocr"),
+}
+
+#: The other segmenters' Cityscapes configs (config stem under configs/cityscapes -> (backbone,
+#: head)): PSPNet and DeepLabV3+ as the supplement's Table 1 compares them, UPerNet on ConvNeXt-T.
+#: Each follows the public code its head comes from (docs/models.md), not the paper's recipe.
+OTHER_SEGMENTERS: dict[str, tuple[str, str]] = {
+    "pspnet_resnet101": ("resnet101_deep", "pspnet"),
+    "deeplabv3plus_xception71": ("xception71", "deeplabv3plus"),
+    "upernet_convnext_tiny": ("timm:convnext_tiny", "upernet"),
 }

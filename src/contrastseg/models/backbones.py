@@ -6,10 +6,12 @@ their four raw branches (strides 4, 8, 16, 32), not timm's classification ("incr
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from contrastseg.errors import CheckpointError, ConfigError
@@ -96,6 +98,26 @@ class TimmBackbone(nn.Module):
                 "state_dict, or the model's .safetensors file), then set "
                 "model.backbone.pretrained: false and model.backbone.weights: PATH"
             ) from err
+        # A backbone with a patch embedding (Swin, ...) is rebuilt without its fixed input size
+        # (timm's strict_img_size=False: windows and merges pad), and the input is padded at
+        # the bottom and right to a multiple of the patch size (forward).
+        self.patch_size = _patch_size(self.body)
+        if self.patch_size != (1, 1) and name.startswith(TIMM_PREFIX):
+            kwargs = {} if self.multi_level else {"output_stride": output_stride}
+            # no such option: inputs must have the size the model was built for
+            with contextlib.suppress(TypeError):
+                self.body = timm.create_model(
+                    spec.timm_name,
+                    features_only=True,
+                    pretrained=pretrained,
+                    strict_img_size=False,
+                    **kwargs,
+                )
+        # timm gives some families' maps channels-last (B, h, w, C); forward makes them NCHW
+        self.channels_last_output = str(getattr(self.body, "output_fmt", "NCHW")) in (
+            "NHWC",
+            "Format.NHWC",
+        )
         self.channels: list[int] = list(self.body.feature_info.channels())
         reductions = list(self.body.feature_info.reduction())
         if self.multi_level:
@@ -109,7 +131,22 @@ class TimmBackbone(nn.Module):
             use_released_ops(self.body)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return list(self.body(x))
+        ph, pw = self.patch_size
+        if ph > 1 or pw > 1:
+            x = F.pad(x, (0, (pw - x.shape[3] % pw) % pw, 0, (ph - x.shape[2] % ph) % ph))
+        feats = list(self.body(x))
+        if self.channels_last_output:
+            feats = [f.permute(0, 3, 1, 2) for f in feats]
+        return feats
+
+
+def _patch_size(body: nn.Module) -> tuple[int, int]:
+    """The patch size of the first timm patch embedding in ``body`` ((1, 1) when none)."""
+    for module in body.modules():
+        size = getattr(module, "patch_size", None)
+        if hasattr(module, "strict_img_size") and size is not None:
+            return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    return (1, 1)
 
 
 def use_released_ops(body: nn.Module) -> None:

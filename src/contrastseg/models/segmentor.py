@@ -9,8 +9,11 @@ from torch import nn
 from contrastseg.config import ModelConfig
 from contrastseg.errors import ConfigError
 from contrastseg.models.backbones import TimmBackbone, load_backbone_weights
+from contrastseg.models.deeplabv3plus import build_deeplabv3plus
 from contrastseg.models.heads import DeepLabV3Head, FCNHead, HRNetV2Head
 from contrastseg.models.ocr import OCRHead
+from contrastseg.models.pspnet import build_pspnet
+from contrastseg.models.upernet import build_upernet
 
 
 class Segmentor(nn.Module):
@@ -146,6 +149,12 @@ def build_model(
             variant=variant,
             aux_dropout=0.0 if hr else cfg.ocr_dropout,
         )
+    elif cfg.head == "pspnet":
+        head, aux, features_channels, stride = build_pspnet(backbone, cfg, num_classes)
+    elif cfg.head == "deeplabv3plus":
+        head, aux, features_channels, stride = build_deeplabv3plus(backbone, cfg, num_classes)
+    elif cfg.head == "upernet":
+        head, aux, features_channels, stride = build_upernet(backbone, cfg, num_classes)
     else:  # pragma: no cover - the config's Literal rules it out
         raise ConfigError(f"model.head = {cfg.head!r}: unknown head")
     return Segmentor(backbone, head, aux, output_stride=stride, feature_channels=features_channels)

@@ -16,24 +16,32 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from contrastseg.config import ModelConfig
 from contrastseg.contrast import ProjectionHead
-from contrastseg.model_table import BACKBONES, TABLE1
+from contrastseg.model_table import BACKBONES, HEADS, OTHER_SEGMENTERS, TABLE1
 from contrastseg.models.segmentor import InferenceModel, build_model, count_parameters
 
 HEAD_DESCRIPTIONS = {
     "deeplabv3": "DeepLabV3: ASPP (rates 12/24/36) on the last stage + FCN auxiliary head",
     "hrnetv2": "HRNetV2: branches concatenated at stride 4, conv-BN-ReLU, classifier",
     "ocr": "OCR: soft object regions (aux), region representations, pixel-region attention",
+    "pspnet": "PSPNet: pyramid pooling (bins 1/2/3/6) on the last stage + FCN auxiliary head",
+    "deeplabv3plus": "DeepLabV3+: separable ASPP at stride 16, decoder with the stride-4 stage",
+    "upernet": "UPerNet: pyramid pooling on the last stage, FPN over all stages at stride 4",
 }
 
 
 def architectures() -> list[tuple[str, str]]:
-    """Every valid (backbone, head) pair, in a stable order."""
+    """Every valid (backbone, head) pair of the project's backbones, in a stable order, then
+    the timm pairs of the Cityscapes configs (UPerNet on timm:convnext_tiny). deeplabv3, pspnet
+    and deeplabv3plus need a dilated backbone, hrnetv2 an HRNet; ocr and upernet take any."""
     pairs = []
-    for head in ("deeplabv3", "hrnetv2", "ocr"):
+    for head in HEADS:
         for name, spec in BACKBONES.items():
-            if (head == "deeplabv3" and spec.hrnet) or (head == "hrnetv2" and not spec.hrnet):
+            if spec.hrnet and head in ("deeplabv3", "pspnet", "deeplabv3plus"):
+                continue
+            if head == "hrnetv2" and not spec.hrnet:
                 continue
             pairs.append((name, head))
+    pairs += [pair for pair in OTHER_SEGMENTERS.values() if pair not in pairs]
     return pairs
 
 
@@ -125,14 +133,15 @@ def format_summary(row: dict[str, Any]) -> str:
 
 def list_models(num_classes: int = 19) -> list[dict[str, Any]]:
     """One row per architecture: names, stride, inference parameters, description."""
-    table1 = {v: k for k, v in TABLE1.items()}
+    table1 = {v: k for k, v in {**TABLE1, **OTHER_SEGMENTERS}.items()}
     rows = []
     for backbone, head in architectures():
         cfg = ModelConfig.model_validate({"backbone": {"name": backbone}, "head": head})
         row = summarize(cfg, num_classes, flops=False)
         row["table1"] = table1.get((backbone, head), "")
         row["description"] = (
-            f"{HEAD_DESCRIPTIONS[head].split(':')[0]} on {BACKBONES[backbone].description}"
+            f"{HEAD_DESCRIPTIONS[head].split(':')[0]} on "
+            f"{BACKBONES[backbone].description if backbone in BACKBONES else backbone}"
         )
         rows.append(row)
     return rows
@@ -140,14 +149,14 @@ def list_models(num_classes: int = 19) -> list[dict[str, Any]]:
 
 def format_models(rows: list[dict[str, Any]]) -> str:
     header = (
-        f"{'model.head':<10} {'model.backbone.name':<19} {'stride':>6} {'params':>8}  "
-        f"{'Table 1 config':<22} description"
+        f"{'model.head':<13} {'model.backbone.name':<19} {'stride':>6} {'params':>8}  "
+        f"{'Cityscapes config':<24} description"
     )
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(
-            f"{r['head']:<10} {r['backbone']:<19} {r['stride']:>6} "
-            f"{r['params_inference'] / 1e6:>7.1f}M  {r['table1'] or '-':<22} {r['description']}"
+            f"{r['head']:<13} {r['backbone']:<19} {r['stride']:>6} "
+            f"{r['params_inference'] / 1e6:>7.1f}M  {r['table1'] or '-':<24} {r['description']}"
         )
     lines.append(
         f"params: inference model, {rows[0]['classes'] if rows else 19} classes. Training adds the "
@@ -155,8 +164,10 @@ def format_models(rows: list[dict[str, Any]]) -> str:
     )
     lines.append(
         "Any timm model with features_only: model.backbone.name: timm:<model> (e.g. "
-        "timm:convnext_tiny, timm:resnet50d, timm:efficientnet_b3) with deeplabv3 or ocr, "
-        "dilated to output_stride; a family timm cannot dilate (e.g. timm:poolformer_s12) "
-        "gives all its levels, concatenated at the first one's stride, for hrnetv2 or ocr."
+        "timm:convnext_tiny, timm:resnet50d, timm:efficientnet_b3) with deeplabv3, pspnet, "
+        "deeplabv3plus or ocr, dilated to output_stride; a family timm cannot dilate (e.g. "
+        "timm:poolformer_s12, timm:swin_tiny_patch4_window7_224) gives all its levels, "
+        "concatenated at the first one's stride for hrnetv2 or ocr; upernet takes every "
+        "family's levels at their own strides."
     )
     return "\n".join(lines)
