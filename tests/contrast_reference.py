@@ -291,7 +291,7 @@ def push(state: dict, opts: Options, entries: list, image_ids: list) -> dict:
         ptr[c] = (int(ptr[c]) + 1) % size
         count[c] = min(int(count[c]) + 1, size)
 
-    for pixels, regions in entries:
+    for pixels, _ in entries:
         for b in range(len(pixels)):
             for c in range(C):
                 if opts.memory_size > 0:

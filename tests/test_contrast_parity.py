@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 import contrastseg.contrast.module as contrast_module
-from contrastseg.contrast import ClassMemory, PixelContrast
 from contrast_reference import (
     PARAM_KEYS,
     Options,
@@ -23,6 +22,7 @@ from contrast_reference import (
     push,
     reference_call,
 )
+from contrastseg.contrast import ClassMemory, PixelContrast
 
 C, IN, DIM, HIDDEN = 4, 6, 8, 5
 B, H, W = 2, 16, 16  # labels; the features' grid is 8x8
