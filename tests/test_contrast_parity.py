@@ -84,7 +84,8 @@ def build(opts: Options, dtype=torch.float64) -> PixelContrast:
 
 
 class Spy:
-    """Records the memory subsets the module draws (``select_from_bank``'s result)."""
+    """Records the memory subsets the module draws (``select_from_bank``'s result); without
+    ``monkeypatch``, for good (in a spawned process)."""
 
     def __init__(self, monkeypatch):
         self.index = []
@@ -95,7 +96,10 @@ class Spy:
             self.index.append(out)
             return out
 
-        monkeypatch.setattr(contrast_module, "select_from_bank", spy)
+        if monkeypatch is None:  # a process of its own: nothing to restore
+            contrast_module.select_from_bank = spy
+        else:
+            monkeypatch.setattr(contrast_module, "select_from_bank", spy)
 
 
 def state_of(module: PixelContrast) -> dict:
