@@ -80,3 +80,23 @@ def test_unknown_value_and_missing_pair(tmp_path):
     (root / "valannot" / "0001TP_val_000001.png").unlink()
     with pytest.raises(DataError, match="valannot/0001TP_val_000001.png"):
         CamVidSource(root, "val")
+
+
+def test_void_as_a_twelfth_class(tmp_path):
+    from contrastseg import load_config
+    from contrastseg.data import open_source
+
+    root = make_camvid(tmp_path / "camvid")
+    cfg = load_config(
+        None, ["data.name=camvid", f"data.root={root}", "data.camvid_void_class=true"]
+    )
+    ds = open_source(cfg.data, "train")
+    assert len(ds.classes) == 12 and ds.classes[11] == "void" and ds.palette.shape == (12, 3)
+    expected = {v: v for v in range(12)} | {255: 255}
+    for i in range(len(ds)):
+        raw = np.asarray(Image.open(ds.label_path(i)))
+        _, mask = ds[i]
+        for value, train_id in expected.items():
+            assert (mask[raw == value] == train_id).all(), value
+    default = open_source(load_config(None, ["data.name=camvid", f"data.root={root}"]).data, "val")
+    assert len(default.classes) == 11
