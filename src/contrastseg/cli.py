@@ -329,7 +329,12 @@ def bench_step(
 @bench_app.command("train")
 def bench_train(
     models: Annotated[
-        list[str] | None, typer.Option("--model", help="Table 1 config stems (default: all).")
+        list[str] | None,
+        typer.Option(
+            "--model",
+            help="Config stems: Table 1's and pspnet_resnet101, deeplabv3plus_xception71, "
+            "upernet_convnext_tiny (default: all).",
+        ),
     ] = None,
     config_dir: Annotated[Path, typer.Option(help="Folder of Table 1 configs.")] = Path(
         "configs/cityscapes"
@@ -341,7 +346,8 @@ def bench_train(
     device: Device = "cpu",
     amp: Amp = "off",
 ) -> None:
-    """Table 1 timing: s/iter of each model with and without contrast, overhead, peak memory."""
+    """Table 1 timing: s/iter of each model (Table 1's, then PSPNet, DeepLabV3+ and UPerNet) with
+    and without contrast, overhead, peak memory."""
     from contrastseg.benchmarks.train_step import format_table1, run_table1_benchmark
 
     rows = run_table1_benchmark(config_dir, models, batch, (height, width), repeats, device, amp)

@@ -124,6 +124,12 @@ TABLE1 = (
     ("ocr_resnet101", "OCR", "D-ResNet-101"),
     ("ocr_hrnetv2_w48", "OCR", "HRNetV2-W48"),
 )
+# The other segmenters' Cityscapes configs (model_table.OTHER_SEGMENTERS), after Table 1's rows
+OTHER_ROWS = (
+    ("pspnet_resnet101", "PSPNet", "D-ResNet-101"),
+    ("deeplabv3plus_xception71", "DeepLabV3+", "D-Xception-71"),
+    ("upernet_convnext_tiny", "UPerNet", "ConvNeXt-T"),
+)
 
 
 def run_table1_benchmark(
@@ -135,13 +141,14 @@ def run_table1_benchmark(
     device: str = "cpu",
     amp: str = "off",
 ) -> list[dict]:
-    """:func:`run_step_benchmark` for each Table 1 model (its ``*_contrast.yaml`` config)."""
+    """:func:`run_step_benchmark` for each Table 1 model and each other segmenter (its
+    ``*_contrast.yaml`` config), or for the config stems in ``models``."""
     from pathlib import Path
 
     from contrastseg.config import load_config
 
     rows = []
-    for stem, model, backbone in TABLE1:
+    for stem, model, backbone in TABLE1 + OTHER_ROWS:
         if models and stem not in models:
             continue
         cfg = load_config(Path(config_dir) / f"{stem}_contrast.yaml")
