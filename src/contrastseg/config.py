@@ -410,6 +410,13 @@ class EvalConfig(_Section):
     stride: tuple[int, int] = (341, 682)
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
+    # The steps of a test procedure (docs/training.md, "Evaluation"); the defaults are
+    # contrastseg's own, the released recipes set the authors' tester.
+    align_corners: bool = False  # bilinear resizes of the scales and of the logits
+    fusion: Literal["mean_prob", "sum_logits"] = "mean_prob"  # scales and flip combined
+    short_side: int | None = Field(None, ge=1)  # image resized to this short side first
+    pad_multiple: int = Field(1, ge=1)  # then padded bottom/right to a multiple of this
+    resize_back: Literal["bilinear", "bicubic"] = "bilinear"  # scores back to the label size
 
     @model_validator(mode="after")
     def _check(self) -> EvalConfig:
