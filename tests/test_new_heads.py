@@ -363,3 +363,19 @@ def test_bench_train_has_a_row_per_new_head(tmp_path):
     assert all(r["s_iter_contrast"] > 0 and r["s_iter_baseline"] > 0 for r in rows)
     text = format_table1(rows)
     assert "DeepLabV3+" in text and "D-Xception-71" in text and "ConvNeXt-T" in text
+
+
+def test_classification_weights_load_into_flattened_feature_extractors(tmp_path):
+    """timm's feature wrappers rename ``stages.0.`` to ``stages_0.`` (ConvNeXt, Xception): a
+    classification model's file still loads, every tensor in its place."""
+    from contrastseg.models.backbones import TimmBackbone, load_backbone_weights
+
+    full = timm.create_model("convnext_atto")
+    torch.save(full.state_dict(), tmp_path / "atto.pth")
+    backbone = TimmBackbone("timm:convnext_atto", output_stride=32)
+    assert any(k.startswith("stages_0.") for k in backbone.body.state_dict())
+    load_backbone_weights(backbone, tmp_path / "atto.pth")
+    reference = full.state_dict()
+    for key, value in backbone.body.state_dict().items():
+        first, _, rest = key.partition(".")
+        assert torch.equal(value, reference[first.replace("_", ".") + "." + rest]), key

@@ -162,6 +162,18 @@ def use_released_ops(body: nn.Module) -> None:
         pool.ceil_mode = True
 
 
+def _feature_key(key: str, own: dict) -> str:
+    """A classification model's key in the feature extractor's naming: timm's feature wrappers
+    flatten the first level of sequential modules (``stages.0.x`` -> ``stages_0.x``, as for
+    ConvNeXt and Xception)."""
+    if key in own:
+        return key
+    first, _, rest = key.partition(".")
+    index, _, tail = rest.partition(".")
+    flat = f"{first}_{index}.{tail}" if index.isdigit() and tail else key
+    return flat if flat in own else key
+
+
 def load_backbone_weights(backbone: TimmBackbone, path: Path, strict: bool = True) -> None:
     """Load a local ``.pth``/``.pt`` or ``.safetensors`` file of timm (classification) weights.
 
@@ -185,6 +197,7 @@ def load_backbone_weights(backbone: TimmBackbone, path: Path, strict: bool = Tru
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     own = backbone.body.state_dict()
+    state = {_feature_key(k, own): v for k, v in state.items()}
     head = backbone.spec.head_prefixes
     state = {k: v for k, v in state.items() if k in own or not k.startswith(head)}
     missing = sorted(set(own) - set(state))
