@@ -123,6 +123,12 @@ def test_the_headline_values():
     p = load_config(CONFIGS / "pascal_context/released/hrnetv2_w48_contrast.yaml")
     assert p.data.short_side == 520 and p.optim.head_lr_mult == 10
     assert p.eval.scales == (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0) and p.eval.flip
+    assert p.eval.short_side == 520 and p.eval.pad_multiple == 8
+    assert (p.eval.fusion, p.eval.resize_back, p.eval.align_corners) == (
+        "sum_logits",
+        "bicubic",
+        True,
+    )
     for name, path in RECIPES.items():
         cfg = load_config(path)
         assert cfg.train.eval_every > 0, name  # their trainers validate and keep the best
