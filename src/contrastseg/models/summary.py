@@ -139,10 +139,10 @@ def list_models(num_classes: int = 19) -> list[dict[str, Any]]:
         cfg = ModelConfig.model_validate({"backbone": {"name": backbone}, "head": head})
         row = summarize(cfg, num_classes, flops=False)
         row["table1"] = table1.get((backbone, head), "")
-        row["description"] = (
-            f"{HEAD_DESCRIPTIONS[head].split(':')[0]} on "
-            f"{BACKBONES[backbone].description if backbone in BACKBONES else backbone}"
-        )
+        about = BACKBONES[backbone].description if backbone in BACKBONES else backbone
+        if cfg.backbone.output_stride == 32 and about.endswith(", dilated"):
+            about = about.removesuffix(", dilated")  # output stride 32: not dilated (upernet)
+        row["description"] = f"{HEAD_DESCRIPTIONS[head].split(':')[0]} on {about}"
         rows.append(row)
     return rows
 
