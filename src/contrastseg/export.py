@@ -27,9 +27,10 @@ FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 DEFAULT_OPSET = 18  # the lowest opset the torch.onnx (dynamo) exporter writes natively
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 # The graph is traced on TRACE_SHAPE and the written file checked on VERIFY_SHAPES: other batch
-# sizes and image sizes, so that a shape fixed by tracing fails the check.
+# sizes and image sizes (one with sides that are not multiples of 32), so that a shape fixed by
+# tracing fails the check.
 TRACE_SHAPE = (2, 3, 64, 96)
-VERIFY_SHAPES = ((1, 3, 96, 128), (3, 3, 64, 64))
+VERIFY_SHAPES = ((1, 3, 96, 128), (3, 3, 64, 64), (1, 3, 97, 131))
 SIDECAR_VERSION = 1
 
 

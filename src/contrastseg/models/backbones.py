@@ -16,6 +16,7 @@ from torch import nn
 
 from contrastseg.errors import CheckpointError, ConfigError
 from contrastseg.model_table import BACKBONES, BackboneEntry
+from contrastseg.models.hrnet_fuse import fuse_to_target_size
 from contrastseg.safe_load import check_readable, first_line, load_weights_only
 
 # ``model.backbone.name: "timm:<model>"`` takes any timm model that gives feature maps.
@@ -129,6 +130,8 @@ class TimmBackbone(nn.Module):
         self.variant = variant
         if variant == "released":
             use_released_ops(self.body)
+        if spec.hrnet:
+            fuse_to_target_size(self.body)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         ph, pw = self.patch_size

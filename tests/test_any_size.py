@@ -1,0 +1,164 @@
+"""Every model of the zoo runs at any input size from the documented minimum up (sides that are
+not multiples of 32 included): inference at 375x500, 250x500, 97x131 and the minimum, training
+steps at an odd size, and HRNet's branch fusion sized to the target branch as the authors' own
+HRNet does (checked against a plain loop written here)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.models.hrnet import HighResolutionModule
+
+from contrastseg.config import ModelConfig
+from contrastseg.models import build_model
+from contrastseg.models.backbones import TimmBackbone
+from contrastseg.models.summary import architectures
+
+MIN_SIZE = (32, 32)  # docs/models.md, "Input sizes"
+ODD = [(375, 500), (250, 500), (97, 131)]
+# Small backbones run at every size. A large one costs seconds per forward at 375x500 on a CPU:
+# it runs at sizes with the same remainders modulo 32 instead (all the output-stride arithmetic
+# sees), plus HRNetV2-W48 once at 375x500 itself.
+FAST = {"mobilenetv1", "mobilenetv2", "mobilenetv3_large", "hrnetv2_w18_small"}
+FULL_SIZE = {("hrnetv2_w48", "hrnetv2")}
+
+
+def _stand_in(size: tuple[int, int]) -> tuple[int, int]:
+    return tuple(32 + s % 32 for s in size)
+
+
+def _sizes(backbone: str, head: str) -> list[tuple[int, int]]:
+    sizes = [*ODD, MIN_SIZE]
+    if backbone in FAST:
+        return sizes
+    sizes = [_stand_in(s) if s[0] > 200 else s for s in sizes]
+    if (backbone, head) in FULL_SIZE:
+        sizes.append((375, 500))
+    return sizes
+
+
+def _model(backbone: str, head: str, variant: str = "timm"):
+    cfg = ModelConfig.model_validate(
+        {"head": head, "backbone": {"name": backbone, "pretrained": False, "variant": variant}}
+    )
+    torch.manual_seed(0)
+    return build_model(cfg, 5, backbone_weights=False)
+
+
+def test_the_zoo_is_what_models_lists():
+    assert len(architectures()) >= 12  # every (backbone, head) pair of the table
+
+
+@pytest.mark.parametrize(("backbone", "head"), architectures())
+def test_every_architecture_infers_at_odd_sizes(backbone, head):
+    model = _model(backbone, head).eval()
+    for size in _sizes(backbone, head):
+        with torch.no_grad():
+            logits = model.predict_logits(torch.randn(1, 3, *size))
+        assert logits.shape == (1, 5, *size), (backbone, head, size)
+        assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize(
+    ("backbone", "head"),
+    [("hrnetv2_w18_small", "hrnetv2"), ("hrnetv2_w18_small", "ocr"), ("mobilenetv2", "deeplabv3")],
+)
+def test_training_steps_at_an_odd_size(backbone, head):
+    model = _model(backbone, head, variant="released").train()
+    out = model(torch.randn(2, 3, 97, 131))
+    loss = sum(v.float().mean() for v in out.values())
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def _reference_fuse(module: HighResolutionModule, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The authors' fusion, written out: branch j below i is convolved, then bilinearly
+    resized to branch i's exact size (corners aligned); above i it is strided down."""
+    xs = [module.branches[k](t) for k, t in enumerate(xs)]
+    out = []
+    for i in range(len(module.fuse_layers)):
+        y = xs[i]
+        for j in range(len(xs)):
+            if j == i:
+                continue
+            layer = module.fuse_layers[i][j]
+            if j > i:
+                z = layer[1](layer[0](xs[j]))
+                z = F.interpolate(z, size=xs[i].shape[-2:], mode="bilinear", align_corners=True)
+            else:
+                z = layer(xs[j])
+            y = y + z
+        out.append(torch.relu(y))
+    return out
+
+
+def test_hrnet_fusion_resizes_to_the_target_branch_as_the_authors_do():
+    torch.manual_seed(0)
+    backbone = TimmBackbone("hrnetv2_w18_small", variant="released").eval()
+    stage4 = backbone.body.stage4[0]
+    sizes = [(25, 33), (13, 17), (7, 9), (4, 5)]  # the branches of a 97x131 input
+    xs = [torch.randn(1, c, *s) for c, s in zip(backbone.channels, sizes, strict=True)]
+    with torch.no_grad():
+        ours = stage4([t.clone() for t in xs])
+        ref = _reference_fuse(stage4, [t.clone() for t in xs])
+    for a, b in zip(ours, ref, strict=True):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert ours[0].abs().max() > 0.1
+
+
+def test_hrnet_fusion_is_unchanged_where_sizes_halve_exactly():
+    """At sides that are multiples of 32 the sized fusion is timm's own, bit for bit."""
+    import timm
+
+    from contrastseg.models.backbones import use_released_ops
+
+    for variant in ("timm", "released"):
+        torch.manual_seed(0)
+        ours = TimmBackbone("hrnetv2_w18_small", variant=variant).eval()
+        plain = timm.create_model(
+            "hrnet_w18_small", features_only=True, feature_location="", out_indices=(1, 2, 3, 4)
+        ).eval()
+        plain.load_state_dict(ours.body.state_dict())
+        if variant == "released":
+            use_released_ops(plain)
+        x = torch.randn(1, 3, 96, 128)
+        with torch.no_grad():
+            assert all(torch.equal(a, b) for a, b in zip(ours(x), plain(x), strict=True))
+        with pytest.raises(RuntimeError, match="must match the size"), torch.no_grad():
+            plain(torch.randn(1, 3, 97, 131))
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_exported_hrnet_runs_at_odd_sizes(tmp_path, fmt):
+    """The export's own check runs a 97x131 input; the file then takes 375x500 too."""
+    import numpy as np
+
+    from contrastseg.config import ExperimentConfig
+    from contrastseg.convert import checkpoint_dict
+    from contrastseg.export import export_checkpoint
+    from contrastseg.models.segmentor import InferenceModel
+
+    backbone = {"name": "hrnetv2_w18_small", "variant": "released", "pretrained": False}
+    cfg = ExperimentConfig.model_validate({"model": {"head": "ocr", "backbone": backbone}})
+    model = _model("hrnetv2_w18_small", "ocr", variant="released").eval()
+    names = ["a", "b", "c", "d", "e"]
+    state = checkpoint_dict(model.state_dict(), cfg.to_dict(), names, [[i] * 3 for i in range(5)])
+    torch.save(state, tmp_path / "hr.pt")
+    result = export_checkpoint(tmp_path / "hr.pt", tmp_path / f"hr.{fmt}", format=fmt)
+    assert result.max_abs_diff < 1e-4
+    x = torch.randn(1, 3, 375, 500)
+    with torch.no_grad():
+        ref = InferenceModel(model)(x).numpy()
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(result.model), providers=["CPUExecutionProvider"])
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    else:
+        with torch.no_grad():
+            got = torch.jit.load(str(result.model))(x).numpy()
+    assert got.shape == (1, 5, 375, 500)
+    assert np.abs(got - ref).max() < 1e-3
