@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from contrastseg.config import EvalConfig
-from contrastseg.engine.inference_modes import _starts, infer_probs, slide_logits
+from contrastseg.engine.inference_modes import _starts, infer_scores, slide_logits
 
 
 class Conv(nn.Module):
@@ -33,8 +33,8 @@ def test_window_starts_cover_the_image():
 def test_slide_with_crop_equal_to_image_equals_whole():
     model = Conv(3).eval()
     x = torch.randn(2, 3, 20, 30)
-    whole = infer_probs(model, x, EvalConfig(mode="whole"))
-    slide = infer_probs(model, x, EvalConfig(mode="slide", crop_size=(20, 30), stride=(7, 9)))
+    whole = infer_scores(model, x, EvalConfig(mode="whole"))
+    slide = infer_scores(model, x, EvalConfig(mode="slide", crop_size=(20, 30), stride=(7, 9)))
     assert torch.allclose(whole, slide, atol=1e-6)
 
 
@@ -57,8 +57,8 @@ def test_slide_averages_overlapping_windows():
 def test_flip_of_a_flip_symmetric_model_equals_single():
     model = Conv(1).eval()  # pointwise: flip-equivariant
     x = torch.randn(2, 3, 16, 16)
-    single = infer_probs(model, x, EvalConfig())
-    flipped = infer_probs(model, x, EvalConfig(flip=True))
+    single = infer_scores(model, x, EvalConfig())
+    flipped = infer_scores(model, x, EvalConfig(flip=True))
     assert torch.allclose(single, flipped, atol=1e-6)
 
 
@@ -68,18 +68,20 @@ def test_flip_changes_a_non_symmetric_model():
         model.conv.weight[..., 0] += 1.0  # weights only on the left column: not symmetric
     x = torch.randn(1, 3, 16, 16)
     assert not torch.allclose(
-        infer_probs(model, x, EvalConfig()), infer_probs(model, x, EvalConfig(flip=True)), atol=1e-3
+        infer_scores(model, x, EvalConfig()),
+        infer_scores(model, x, EvalConfig(flip=True)),
+        atol=1e-3,
     )
 
 
 def test_multi_scale_averages_probabilities_at_the_input_size():
     model = Conv(1).eval()
     x = torch.randn(1, 3, 16, 24)
-    probs = infer_probs(model, x, EvalConfig(scales=(0.5, 1.0, 1.5)))
+    probs = infer_scores(model, x, EvalConfig(scales=(0.5, 1.0, 1.5)))
     assert probs.shape == (1, 4, 16, 24)
     assert torch.allclose(probs.sum(1), torch.ones(1, 16, 24), atol=1e-5)
-    same = infer_probs(model, x, EvalConfig(scales=(1.0, 1.0)))
-    assert torch.allclose(same, infer_probs(model, x, EvalConfig()), atol=1e-6)
+    same = infer_scores(model, x, EvalConfig(scales=(1.0, 1.0)))
+    assert torch.allclose(same, infer_scores(model, x, EvalConfig()), atol=1e-6)
 
 
 def test_bad_eval_settings_are_config_errors():

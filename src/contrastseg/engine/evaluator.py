@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Subset
 
 from contrastseg.config import EvalConfig
 from contrastseg.distributed import all_reduce_sum
-from contrastseg.engine.inference_modes import infer_probs
+from contrastseg.engine.inference_modes import infer_scores
 from contrastseg.engine.metrics import ConfusionMatrix
 from contrastseg.models import Segmentor
 
@@ -69,7 +69,7 @@ def evaluate(
             groups = [(batch["image"], batch["mask"], batch["index"])]
         for image, mask, index in groups:
             image, mask = image.to(device, dtype=dtype), mask.to(device)
-            pred = infer_probs(model, image, eval_cfg).argmax(1)
+            pred = infer_scores(model, image, eval_cfg).argmax(1)
             cm.update(pred, mask)
             for j in range(image.shape[0]):
                 if len(kept) < keep:

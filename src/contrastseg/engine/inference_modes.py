@@ -1,4 +1,24 @@
-"""Test-time inference modes: whole image, sliding window, multi-scale and horizontal flip."""
+"""Test-time inference: whole image or sliding window, at scales, with horizontal flip, and the
+steps of a test procedure around them (short-side resize, padding, fusion, resize back).
+
+One image batch goes through, in this order (``eval`` section of the config):
+
+1. ``short_side``: the image is resized so that its short side has this length (interpolation
+   ``resize_back``, sizes rounded), else kept;
+2. ``pad_multiple``: padded at the bottom and right with zeros (the mean colour after
+   normalisation) to a multiple of this;
+3. for each of ``scales`` the padded image is resized bilinearly, inferred whole or by sliding
+   window (``mode``), and with ``flip`` also mirrored, inferred and mirrored back; the logits
+   are upsampled bilinearly to the padded size;
+4. ``fusion``: the passes are combined as the mean of their softmax probabilities
+   (``mean_prob``) or the sum of their logits (``sum_logits``);
+5. the padding is cropped off and the scores resized to the label size (``resize_back``).
+
+``align_corners`` chooses the bilinear convention of step 3. ``False`` (contrastseg's own):
+half-pixel centres, scaled sizes rounded, logits upsampled to the scaled input and then to the
+padded size. ``True`` (the authors' tester): corners aligned, scaled sizes truncated
+(``int(H * s)``), logits upsampled once, from the head's grid straight to the padded size.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +30,22 @@ import torch.nn.functional as F
 from contrastseg.config import EvalConfig
 
 
-def _logits(model, x: torch.Tensor) -> torch.Tensor:
-    """Eval-mode logits upsampled to the input size: (B, 3, H, W) -> (B, C, H, W)."""
+def _up(t: torch.Tensor, size: tuple[int, int], align_corners: bool) -> torch.Tensor:
+    if tuple(t.shape[-2:]) == tuple(size):
+        return t
+    return F.interpolate(t, size=size, mode="bilinear", align_corners=align_corners)
+
+
+def _logits(model, x: torch.Tensor, size=None, align_corners: bool = False) -> torch.Tensor:
+    """Eval-mode logits of ``x`` (B, 3, h, w) upsampled to ``size`` (default: (h, w)).
+
+    Half-pixel convention: to (h, w) first, then to ``size``; aligned corners: one upsampling
+    from the head's grid to ``size``."""
     seg = model(x)["seg"]
-    return F.interpolate(seg, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    size = tuple(size or x.shape[-2:])
+    if align_corners:
+        return _up(seg, size, True)
+    return _up(_up(seg, tuple(x.shape[-2:]), False), size, False)
 
 
 def _starts(size: int, crop: int, stride: int) -> list[int]:
@@ -25,7 +57,11 @@ def _starts(size: int, crop: int, stride: int) -> list[int]:
 
 
 def slide_logits(
-    model, x: torch.Tensor, crop: tuple[int, int], stride: tuple[int, int]
+    model,
+    x: torch.Tensor,
+    crop: tuple[int, int],
+    stride: tuple[int, int],
+    align_corners: bool = False,
 ) -> torch.Tensor:
     """Sliding-window logits, averaged where windows overlap: (B, 3, H, W) -> (B, C, H, W).
 
@@ -38,7 +74,8 @@ def slide_logits(
     count = x.new_zeros(1, 1, H, W)
     for top in _starts(H, ch, stride[0]):
         for left in _starts(W, cw, stride[1]):
-            out = _logits(model, x[:, :, top : top + ch, left : left + cw])
+            window = x[:, :, top : top + ch, left : left + cw]
+            out = _logits(model, window, align_corners=align_corners)
             if total is None:
                 total = x.new_zeros(B, out.shape[1], H, W)
             total[:, :, top : top + ch, left : left + cw] += out
@@ -46,31 +83,60 @@ def slide_logits(
     return total / count
 
 
-@torch.no_grad()
-def infer_probs(model, x: torch.Tensor, cfg: EvalConfig) -> torch.Tensor:
-    """Class probabilities at the input size, (B, 3, H, W) -> (B, C, H, W).
+def short_side_size(h: int, w: int, short_side: int) -> tuple[int, int]:
+    """(h, w) scaled so that the shorter side is ``short_side`` (sizes rounded)."""
+    ratio = short_side / min(h, w)
+    return max(1, round(h * ratio)), max(1, round(w * ratio))
 
-    For each scale in ``cfg.scales`` the image is resized (bilinear), inferred whole or by
-    sliding window, optionally also flipped horizontally (and the output flipped back); the
-    softmax probabilities of every pass are averaged at the original size.
-    """
+
+def scaled_size(h: int, w: int, scale: float, align_corners: bool) -> tuple[int, int]:
+    """The input size at ``scale``: truncated with aligned corners (the authors' tester),
+    rounded otherwise; at least 1."""
+    cut = math.floor if align_corners else round
+    return max(1, int(cut(h * scale))), max(1, int(cut(w * scale)))
+
+
+def _pass(model, view: torch.Tensor, size: tuple[int, int], cfg: EvalConfig) -> torch.Tensor:
+    """Logits of one view (whole or sliding window) at ``size``."""
+    if cfg.mode == "slide":
+        logits = slide_logits(
+            model, view, tuple(cfg.crop_size), tuple(cfg.stride), cfg.align_corners
+        )
+        return _up(logits, size, cfg.align_corners)
+    return _logits(model, view, size, cfg.align_corners)
+
+
+@torch.no_grad()
+def infer_scores(model, x: torch.Tensor, cfg: EvalConfig) -> torch.Tensor:
+    """Class scores at the input (label) size, (B, 3, H, W) -> (B, C, H, W), float32: mean
+    probabilities (``fusion: mean_prob``) or summed logits (``sum_logits``); the argmax over
+    classes is the prediction. The steps are those of the module docstring."""
     H, W = x.shape[-2:]
+    back = cfg.resize_back
+    if cfg.short_side is not None:
+        size = short_side_size(H, W, cfg.short_side)
+        if size != (H, W):
+            x = F.interpolate(x, size=size, mode=back, align_corners=False)
+    h, w = x.shape[-2:]
+    m = cfg.pad_multiple
+    x = F.pad(x, (0, -w % m, 0, -h % m))
+    ph, pw = x.shape[-2:]
     acc = None
     passes = 0
     for scale in cfg.scales:
-        size = (max(1, round(H * scale)), max(1, round(W * scale)))
-        xs = x if size == (H, W) else F.interpolate(x, size, mode="bilinear", align_corners=False)
+        size = scaled_size(ph, pw, scale, cfg.align_corners)
+        xs = x if size == (ph, pw) else _up(x, size, cfg.align_corners)
         views = [(xs, False), (xs.flip(-1), True)] if cfg.flip else [(xs, False)]
         for view, flipped in views:
-            if cfg.mode == "slide":
-                logits = slide_logits(model, view, tuple(cfg.crop_size), tuple(cfg.stride))
-            else:
-                logits = _logits(model, view)
+            logits = _pass(model, view, (ph, pw), cfg).float()
             if flipped:
                 logits = logits.flip(-1)
-            if logits.shape[-2:] != (H, W):
-                logits = F.interpolate(logits, (H, W), mode="bilinear", align_corners=False)
-            probs = logits.float().softmax(1)
-            acc = probs if acc is None else acc + probs
+            score = logits.softmax(1) if cfg.fusion == "mean_prob" else logits
+            acc = score if acc is None else acc + score
             passes += 1
-    return acc / passes
+    if cfg.fusion == "mean_prob":
+        acc = acc / passes
+    acc = acc[..., :h, :w]
+    if (h, w) != (H, W):
+        acc = F.interpolate(acc, size=(H, W), mode=back, align_corners=False)
+    return acc
