@@ -105,13 +105,14 @@ def generator_from(state: dict, opts: Options) -> torch.Generator:
     return gen
 
 
-def project(state: dict, opts: Options, features: torch.Tensor, dtype=torch.float64):
+def project(state: dict, opts: Options, features: torch.Tensor, dtype=torch.float64, params=None):
     """Projection head in float64: conv1x1 -> BN (batch statistics, running ones updated) ->
-    ReLU -> conv1x1 -> F.normalize. Returns the embeddings, the leaf parameters and the
-    running statistics after the call."""
+    ReLU -> conv1x1 -> F.normalize. Returns the embeddings, the parameters (new leaves from
+    ``state``, or the caller's ``params``) and the running statistics after the call."""
     if opts.in_channels is None:
         return features, {}, {}
-    params = {k: state[k].detach().to(dtype).clone().requires_grad_(True) for k in PARAM_KEYS}
+    if params is None:
+        params = {k: state[k].detach().to(dtype).clone().requires_grad_(True) for k in PARAM_KEYS}
     mean = state["projection.net.1.running_mean"].to(dtype).clone()
     var = state["projection.net.1.running_var"].to(dtype).clone()
     h = F.conv2d(features, params["projection.net.0.weight"])
@@ -202,15 +203,20 @@ def reference_call(
     module_index: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float64,
     autocast: bool = False,
+    params: dict[str, torch.Tensor] | None = None,
 ) -> ReferenceCall:
     """The loss of one call from the module's ``state`` before it. ``module_index``: the
     memory subset the module drew (used for the loss; the reference draws its own too, to move
     its generator the same way, and keeps it in ``bank_index``). ``dtype``: the reference's
     precision; ``autocast``: the projection head under CPU bfloat16 autocast (float32
-    parameters), the loss outside it."""
-    x = features.detach().to(dtype).requires_grad_(True)
+    parameters), the loss outside it. ``features`` that require a gradient are used as they
+    are (the loss stays attached to the caller's graph) and ``params`` replaces the projection
+    head's parameters; otherwise both are new float64 leaves."""
+    x = features
+    if not x.requires_grad:
+        x = features.detach().to(dtype).requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        embed, params, running = project(state, opts, x, dtype)
+        embed, params, running = project(state, opts, x, dtype, params)
     embed = embed.to(dtype)
     B, D, h, w = embed.shape
     grid = grid_labels(labels, (h, w), opts.num_classes)
