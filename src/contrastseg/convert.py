@@ -19,8 +19,9 @@ Every key of the source is mapped to one key of the contrastseg model or dropped
 of the contrastseg model is filled exactly once, and every shape is checked. The released
 segmenters read BGR images; the converted model reads contrastseg's RGB images, so the input
 channels of the first convolution are reversed, and the converted checkpoint records the
-released normalisation in RGB order (:attr:`Layout.mean`, :attr:`Layout.std`), which evaluation
-must use (``--set data.mean=... --set data.std=...``, see docs/models.md).
+released normalisation in RGB order (:attr:`Layout.mean`, :attr:`Layout.std`), which ``eval``,
+``predict``, ``figures`` and the Python API use whatever the config says, and the released
+tester's upsampling of the logits (``eval.align_corners: true``), which ``predict`` uses.
 """
 
 from __future__ import annotations
@@ -484,8 +485,9 @@ def checkpoint_dict(
 
 
 def experiment_config(conversion: Conversion) -> dict[str, Any]:
-    """The experiment config of a converted Cityscapes segmenter: the model of the layout and
-    the released normalisation (RGB order)."""
+    """The experiment config of a converted Cityscapes segmenter: the model of the layout, the
+    released normalisation (RGB order) and the released tester's single-scale procedure
+    (logits upsampled with aligned corners; scales and flip combined by summed logits)."""
     from contrastseg.config import ExperimentConfig
 
     layout = conversion.layout
@@ -498,6 +500,7 @@ def experiment_config(conversion: Conversion) -> dict[str, Any]:
                 "std": list(layout.std),
             },
             "model": conversion.model_config,
+            "eval": {"align_corners": True, "fusion": "sum_logits"},
             "output": {"name": f"released_{layout.name}"},
         }
     )
@@ -505,7 +508,8 @@ def experiment_config(conversion: Conversion) -> dict[str, Any]:
 
 
 def eval_overrides(layout: Layout) -> list[str]:
-    """``--set`` values that make ``contrastseg eval`` normalise images as the released code."""
+    """``--set`` values of the released normalisation (a converted checkpoint records it, and
+    evaluation uses it without them)."""
     mean = ",".join(f"{v:.6g}" for v in layout.mean)
     std = ",".join(f"{v:.6g}" for v in layout.std)
     return [f"data.mean=[{mean}]", f"data.std=[{std}]"]
@@ -577,9 +581,10 @@ def format_conversion(conversion: Conversion, keys: bool = False, out: Path | No
             f"--set model.backbone.pretrained=false --set model.backbone.weights={out}"
         )
     elif out is not None:
-        sets = " ".join(f"--set {s}" for s in eval_overrides(lay))
+        mean, std = (", ".join(f"{v:.4g}" for v in t) for t in (lay.mean, lay.std))
         lines.append(
-            f"wrote {out}; evaluate it with the released normalisation: contrastseg eval CONFIG "
-            f"--checkpoint {out} {sets}"
+            f"wrote {out}; it records the released normalisation (RGB mean {mean}, std {std}), "
+            f"which eval and predict use: contrastseg eval CONFIG --checkpoint {out} (with a "
+            "released config, e.g. configs/cityscapes/released/, for the released tester)"
         )
     return "\n".join(lines)

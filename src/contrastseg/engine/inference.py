@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from contrastseg.config import ExperimentConfig
+from contrastseg.config import DataConfig, EvalConfig, ExperimentConfig
 from contrastseg.data import (
     IMAGE_EXTENSIONS,
     build_eval_dataset,
@@ -21,6 +21,7 @@ from contrastseg.data import (
 )
 from contrastseg.engine.checkpoint import load_checkpoint
 from contrastseg.engine.evaluator import evaluate, format_table, write_eval_json
+from contrastseg.engine.inference_modes import infer_scores
 from contrastseg.engine.runtime import resolve_device
 from contrastseg.errors import CheckpointError, DataError
 from contrastseg.files import atomic_write
@@ -49,6 +50,43 @@ def load_trained_model(
     return model.to(device).eval(), cfg, state
 
 
+def with_checkpoint_input(data: DataConfig, trained: DataConfig, checkpoint: Path) -> DataConfig:
+    """``data`` with the checkpoint's input convention: the ``mean`` and ``std`` its model was
+    trained (or converted) with, on RGB images in [0, 1] (contrastseg's only channel order; a
+    converted model has the released BGR order folded into its first convolution). A config
+    that says otherwise is overridden, with a one-line notice."""
+
+    def same(a, b) -> bool:
+        return all(abs(float(x) - float(y)) <= 1e-6 for x, y in zip(a, b, strict=True))
+
+    if same(data.mean, trained.mean) and same(data.std, trained.std):
+        return data
+    log.warning(
+        "%s: normalising with the checkpoint's data.mean=%s data.std=%s (RGB), not the "
+        "config's %s %s",
+        checkpoint,
+        _numbers(trained.mean),
+        _numbers(trained.std),
+        _numbers(data.mean),
+        _numbers(data.std),
+    )
+    return data.model_copy(update={"mean": trained.mean, "std": trained.std})
+
+
+def _numbers(values) -> str:
+    return "[" + ", ".join(f"{float(v):.6g}" for v in values) + "]"
+
+
+def predict_ids(model: Segmentor, cfg: ExperimentConfig, rgb: np.ndarray) -> np.ndarray:
+    """Single-scale whole-image prediction with a checkpoint's config ``cfg``: its input
+    convention (``data.mean``, ``data.std``) and the corner alignment of its logits'
+    upsampling (``eval.align_corners``); (H, W, 3) uint8 RGB -> (H, W) uint8 class ids."""
+    device = next(model.parameters()).device
+    x = normalize(rgb, cfg.data.mean, cfg.data.std)[None].to(device)
+    scores = infer_scores(model, x, EvalConfig(align_corners=cfg.eval.align_corners))
+    return scores.argmax(1)[0].to("cpu", torch.uint8).numpy()
+
+
 def evaluate_checkpoint(
     cfg: ExperimentConfig,
     checkpoint: Path,
@@ -57,10 +95,12 @@ def evaluate_checkpoint(
     print_table: bool = True,
     trust: bool = False,
 ) -> dict:
-    """Evaluate ``checkpoint`` on a split of the data ``cfg`` describes; writes ``eval.json``."""
-    model, _, state = load_trained_model(checkpoint, cfg.train.device, trust=trust)
+    """Evaluate ``checkpoint`` on a split of the data ``cfg`` describes, as ``cfg.eval`` says;
+    writes ``eval.json``. Images are normalised as the checkpoint's model expects
+    (:func:`with_checkpoint_input`)."""
+    model, trained, state = load_trained_model(checkpoint, cfg.train.device, trust=trust)
     device = next(model.parameters()).device
-    dataset = build_eval_dataset(cfg.data, split)
+    dataset = build_eval_dataset(with_checkpoint_input(cfg.data, trained.data, checkpoint), split)
     if list(dataset.classes) != list(state["class_names"]):
         trained = state["config"].get("data", {})
         raise CheckpointError(
@@ -259,11 +299,9 @@ def predict(
     inputs skipped and kept (see :func:`predict_files` for ``strict`` and ``skip_existing``;
     ``trust``: see :func:`load_trained_model`)."""
     model, cfg, state = load_trained_model(checkpoint, "auto", trust=trust)
-    device = next(model.parameters()).device
     palette = np.asarray(state["palette"], dtype=np.uint8)
 
     def infer(rgb: np.ndarray) -> np.ndarray:
-        x = normalize(rgb, cfg.data.mean, cfg.data.std)[None].to(device)
-        return model.predict_logits(x).argmax(1)[0].cpu().numpy().astype(np.uint8)
+        return predict_ids(model, cfg, rgb)
 
     return predict_files(images, out_dir, infer, palette, alpha, strict, skip_existing)

@@ -12,9 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from contrastseg.data import colorize, normalize
+from contrastseg.data import colorize
 from contrastseg.errors import CheckpointError, DataError
 from contrastseg.viz.components import component_boxes, label_components
 from contrastseg.viz.samples import file_samples, split_samples
@@ -163,14 +162,6 @@ def save_compare_figure(path: Path, *args, **kwargs) -> list[Path]:
     return save_figure(make_compare_figure(*args, **kwargs), Path(path), (".png", ".pdf"))
 
 
-@torch.no_grad()
-def predict_mask(model, mean, std, image: np.ndarray) -> np.ndarray:
-    """Single-scale whole-image prediction: (H, W, 3) uint8 -> (H, W) uint8 class ids."""
-    device = next(model.parameters()).device
-    x = normalize(image, mean, std)[None].to(device)
-    return model.predict_logits(x).argmax(1)[0].to("cpu", torch.uint8).numpy()
-
-
 def _load_pair(baseline: Path, ours: Path, device: str):
     from contrastseg.engine.inference import load_trained_model
 
@@ -203,7 +194,7 @@ def compare_checkpoints(
     are ``masks/<stem>.png``, or, without ``masks``, the masks the data set pairs with those
     files in ``split``. ``data_root`` replaces ``data.root`` of the stored config.
     """
-    from contrastseg.engine.inference import expand_images
+    from contrastseg.engine.inference import expand_images, predict_ids
 
     (model_a, cfg_a), (model_b, cfg_b), state = _load_pair(Path(baseline), Path(ours), device)
     data = cfg_a.data if data_root is None else cfg_a.data.model_copy(update={"root": data_root})
@@ -221,8 +212,8 @@ def compare_checkpoints(
     out_dir = Path(out_dir)
     written = []
     for s in samples:
-        pred_a = predict_mask(model_a, cfg_a.data.mean, cfg_a.data.std, s.image)
-        pred_b = predict_mask(model_b, cfg_b.data.mean, cfg_b.data.std, s.image)
+        pred_a = predict_ids(model_a, cfg_a, s.image)  # each with its checkpoint's input
+        pred_b = predict_ids(model_b, cfg_b, s.image)
         boxes = improved_regions(s.mask, pred_a, pred_b, min_area=min_area)
         title = f"{s.name}: dashed boxes = ours right, baseline wrong ({len(boxes)} regions)"
         paths = save_compare_figure(
