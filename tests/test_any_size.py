@@ -5,6 +5,8 @@ HRNet does (checked against a plain loop written here)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -162,3 +164,67 @@ def test_exported_hrnet_runs_at_odd_sizes(tmp_path, fmt):
             got = torch.jit.load(str(result.model))(x).numpy()
     assert got.shape == (1, 5, 375, 500)
     assert np.abs(got - ref).max() < 1e-3
+
+
+def _hrnet_configs() -> dict[tuple, list[str]]:
+    """Every config of configs/ with an HRNet backbone, grouped by what decides how a 375x500
+    image is inferred: the head and the eval section."""
+
+    from contrastseg.config import load_config
+
+    groups: dict[tuple, list[str]] = {}
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for path in sorted(root.rglob("*.yaml")):
+        if path.name.startswith("_"):
+            continue
+        cfg = load_config(path)
+        if not cfg.model.backbone.name.startswith("hrnet"):
+            continue
+        key = (cfg.model.head, repr(cfg.eval.model_dump(exclude={"batch_size", "figure_images"})))
+        groups.setdefault(key, []).append(str(path.relative_to(root)))
+    return groups
+
+
+HRNET_CONFIGS = _hrnet_configs()
+
+
+@pytest.mark.parametrize("group", list(HRNET_CONFIGS), ids=lambda g: HRNET_CONFIGS[g][0])
+def test_every_hrnet_config_evaluates_and_predicts_a_375x500_image(group, tmp_path):
+    """eval (the config's eval section: whole, scales, flip, the released tester's steps) and
+    predict of one 375x500 image, with the config's head on HRNetV2-W18-Small (the same
+    branch arithmetic as W48 at a fraction of the time)."""
+    import numpy as np
+    from PIL import Image
+
+    from contrastseg.config import load_config
+    from contrastseg.data import build_eval_dataset
+    from contrastseg.engine.evaluator import evaluate
+    from contrastseg.engine.inference import predict_ids
+
+    path = HRNET_CONFIGS[group][0]
+    root = tmp_path / "data"
+    for sub in ("images", "masks", "splits"):
+        (root / sub).mkdir(parents=True)
+    (root / "classes.txt").write_text("".join(f"c{i}\n" for i in range(5)))
+    (root / "splits" / "val.txt").write_text("a\n")
+    rgb = np.random.default_rng(0).integers(0, 256, size=(375, 500, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(root / "images" / "a.png")
+    Image.fromarray(np.zeros((375, 500), np.uint8)).save(root / "masks" / "a.png")
+    cfg = load_config(
+        Path(__file__).resolve().parents[1] / "configs" / path,
+        [
+            "model.backbone.name=hrnetv2_w18_small",
+            "model.backbone.pretrained=false",
+            "data.name=folder",
+            f"data.root={root}",
+            "data.val_split=val",
+            "data.num_workers=0",
+        ],
+    )
+    model = build_model(cfg.model, 5, backbone_weights=False).eval()
+    dataset = build_eval_dataset(cfg.data)
+    metrics, kept = evaluate(model, dataset, torch.device("cpu"), eval_cfg=cfg.eval, keep=1)
+    assert kept[0]["pred"].shape == (375, 500)
+    assert sum(map(sum, metrics["confusion"])) == 375 * 500
+    pred = predict_ids(model, cfg, rgb)
+    assert pred.shape == (375, 500) and pred.max() < 5
