@@ -5,10 +5,13 @@ import json
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from contrastseg import evaluate_checkpoint, train
+from contrastseg.cli import app
 from contrastseg.engine import checkpoint as ckpt
 from contrastseg.errors import ContrastSegError
+from contrastseg.report import percent
 from contrastseg.rundir import load_run
 
 
@@ -52,6 +55,9 @@ def test_eval_every_keeps_the_best_checkpoint(tiny_cfg):
     # report --checkpoint best reads it
     assert load_run(run, "best").miou == pytest.approx(top, abs=1e-12)
     assert load_run(run).miou == pytest.approx(scores[-1][1], abs=1e-12)
+    out = CliRunner().invoke(app, ["report", str(run), "--table", "1", "--checkpoint", "best"])
+    assert out.exit_code == 0, out.output
+    assert f" {percent(top)}" in out.output
 
 
 def test_without_eval_every_there_is_no_best(tiny_cfg):
