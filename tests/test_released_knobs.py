@@ -362,3 +362,15 @@ def test_pad_position(position):
         cells = (ch - h + 1) * (cw - w + 1)
         assert set(offsets) == {(y, x) for y in range(ch - h + 1) for x in range(cw - w + 1)}
         assert max(offsets.values()) < 3 * 600 / cells
+
+
+def test_ohem_upsamples_with_align_corners_too():
+    from contrastseg.losses import ohem_cross_entropy
+
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(1, 3, 3, 4, generator=g, dtype=torch.float64)
+    target = torch.randint(0, 3, (1, 7, 9), generator=g)
+    # threshold 1 keeps every labelled pixel: plain CE over all of them
+    for corners in (False, True):
+        got = ohem_cross_entropy(logits, target, 1.0, 1, 255, align_corners=corners)
+        assert float(got) == pytest.approx(_weighted_ce_loop(logits, target, None, corners))
