@@ -78,3 +78,14 @@ def test_cli_step_breakdown(run_cli, capsys):
     assert (
         run_cli("bench", "step", "configs/demo_contrast.yaml", "--breakdown", "--amp", "bf16") != 0
     )
+
+
+def test_breakdown_with_more_anchors_than_one_image_has_pixels():
+    """As in the demo (8 images of 16x16 grid pixels, 440 anchors): more anchors than one
+    image has grid pixels; the sampling floor still gathers distinct pixels of the batch."""
+    cfg = load_config("configs/demo_contrast.yaml", [*TINY_CONTRAST, "loss.contrast.max_views=1"])
+    result = run_breakdown(cfg, num_classes=8, batch=8, size=(32, 64), repeats=1)
+    meta = result["meta"]
+    assert meta["anchors"] > 4 * 8  # the 4x8 grid of one 32x64 image at stride 8
+    sampling = next(r for r in result["rows"] if r["part"] == "labels + sampling")
+    assert sampling["floor_ms"] > 0

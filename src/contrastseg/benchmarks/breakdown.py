@@ -172,8 +172,10 @@ def run_breakdown(
 
     fns["labels + sampling"] = sampling
     group_key = grid.reshape(-1).clamp(max=num_classes) * P
-    b_idx = torch.randint(0, B, (N,), generator=g).to(dev)
-    p_idx = torch.randperm(h * w, generator=g)[:N].to(dev)
+    # N distinct pixels of the batch (N may exceed one image's h w: 8 images, 16x16 grids)
+    flat = torch.randperm(P, generator=g)[:N].to(dev)
+    b_idx = torch.div(flat, h * w, rounding_mode="floor")
+    p_idx = flat - b_idx * (h * w)
 
     def sampling_floor() -> None:
         F.interpolate(target[:, None].float(), size=(h, w), mode="nearest")
