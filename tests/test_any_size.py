@@ -228,3 +228,30 @@ def test_every_hrnet_config_evaluates_and_predicts_a_375x500_image(group, tmp_pa
     assert sum(map(sum, metrics["confusion"])) == 375 * 500
     pred = predict_ids(model, cfg, rgb)
     assert pred.shape == (375, 500) and pred.max() < 5
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_sliding_window_at_an_odd_size_equals_the_windows_by_hand(align_corners):
+    """Sliding-window evaluation of a 375x500 image with windows that are not multiples of 32
+    either: every window through the model, logits averaged where windows overlap."""
+    from contrastseg.config import EvalConfig
+    from contrastseg.engine.inference_modes import infer_scores
+
+    model = _model("hrnetv2_w18_small", "hrnetv2", variant="released").eval()
+    x = torch.randn(1, 3, 375, 500)
+    cfg = EvalConfig(
+        mode="slide", crop_size=(250, 333), stride=(125, 167), align_corners=align_corners
+    )
+    got = infer_scores(model, x, cfg)
+    total, count = torch.zeros(1, 5, 375, 500), torch.zeros(375, 500)
+    with torch.no_grad():
+        for top in (0, 125):
+            for left in (0, 167):
+                window = x[..., top : top + 250, left : left + 333]
+                logits = F.interpolate(
+                    model(window)["seg"], size=(250, 333), mode="bilinear",
+                    align_corners=align_corners,
+                )  # fmt: skip
+                total[..., top : top + 250, left : left + 333] += logits
+                count[top : top + 250, left : left + 333] += 1
+    torch.testing.assert_close(got, (total / count).softmax(1), rtol=1e-5, atol=1e-5)
