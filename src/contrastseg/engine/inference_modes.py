@@ -119,7 +119,8 @@ def infer_scores(model, x: torch.Tensor, cfg: EvalConfig) -> torch.Tensor:
             x = F.interpolate(x, size=size, mode=back, align_corners=False)
     h, w = x.shape[-2:]
     m = cfg.pad_multiple
-    x = F.pad(x, (0, -w % m, 0, -h % m))
+    if h % m or w % m:
+        x = F.pad(x, (0, -w % m, 0, -h % m))
     ph, pw = x.shape[-2:]
     acc = None
     passes = 0
