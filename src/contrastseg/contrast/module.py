@@ -58,7 +58,8 @@ class PixelContrast(SeededModule):
         hidden_channels: the projection head's hidden width (``None``: ``in_channels``).
         temperature, base_temperature: ``tau`` and ``tau_b``; the loss is scaled by
             ``tau / tau_b``.
-        max_samples, max_views: anchors per batch and per (image, class) pair.
+        max_samples, max_views: anchors per call and per (image, class) pair (under DDP each
+            process samples its own: a global batch uses up to N x ``max_samples`` anchors).
         ignore_index: label value never sampled nor stored.
         memory: keep a class memory of embeddings from earlier batches (and other processes).
         memory_size: pixel entries per class (ring buffer).
@@ -81,7 +82,9 @@ class PixelContrast(SeededModule):
     step=None, image_ids=None)`` returns the scalar loss (float32 or wider, whatever the
     autocast state). Labels are resized to the feature grid by nearest neighbour; the hard-anchor
     predictions are the argmax of ``logits`` (bilinearly resized to the grid when sizes
-    differ; no gradient flows into ``logits``). The memory is read before this batch is pushed.
+    differ; no gradient flows into ``logits``). The memory is read before this batch is pushed,
+    and the gradient of the returned loss is that of the memory as read: it is computed during
+    the call, so the push (or any later call) before ``backward()`` cannot change it.
     ``image_ids (B,)`` are needed with ``region_mode="per_image"``. Under DDP every process must
     call it at the same steps (the memory push is a collective).
 
