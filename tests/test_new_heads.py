@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from contrastseg import export_checkpoint, train
 from contrastseg.benchmarks.train_step import format_table1, run_table1_benchmark
-from contrastseg.config import ModelConfig, load_config
+from contrastseg.config import ModelConfig, load_config, save_config
 from contrastseg.contrast import PixelContrast
 from contrastseg.engine import checkpoint as ckpt
 from contrastseg.engine.inference import load_trained_model
@@ -257,16 +257,21 @@ def test_models_summary_and_report_name_the_new_heads(tmp_path):
     text = format_models(list_models())
     for stem, (backbone, head) in OTHER_SEGMENTERS.items():
         assert stem in text and head in text and backbone in text
+    paper = load_config(CONFIGS / "deeplabv3_resnet101_contrast.yaml").loss.contrast
+    checked = 0
     for path in sorted(CONFIGS.glob("*.yaml")):
-        if path.name.rsplit("_", 1)[0] in OTHER_SEGMENTERS:
+        stem, _, kind = path.stem.rpartition("_")
+        if stem in OTHER_SEGMENTERS:
             cfg = load_config(path, ["model.backbone.pretrained=false"])
-            assert (cfg.model.backbone.name, cfg.model.head) == OTHER_SEGMENTERS[
-                path.name.rsplit("_", 1)[0]
-            ]
+            assert (cfg.model.backbone.name, cfg.model.head) == OTHER_SEGMENTERS[stem]
+            # the _contrast files add the paper's Cityscapes pixel contrast, the _ce files none
+            assert cfg.loss.contrast.enabled == (kind == "contrast")
+            if kind == "contrast":
+                assert cfg.loss.contrast == paper
             row = summarize(cfg.model, 19, (128, 256))
             assert row["flops_training"] > row["flops_inference"] > 0
-
-    from contrastseg.config import save_config
+            checked += 1
+    assert checked == 2 * len(OTHER_SEGMENTERS)
 
     runs = []
     for i, (stem, miou) in enumerate(
