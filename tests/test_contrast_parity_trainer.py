@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from contrast_reference import PARAM_KEYS, Options, local_entries, push, reference_call
 from contrastseg.engine.trainer import Trainer, collate_train
+from test_grad_accum import _float64_trainer
 
 CONTRAST = [
     # HRNetV2-W18-Small: plain convolutions, fast in float64 (depthwise ones are not)
@@ -29,15 +30,6 @@ CONTRAST = [
     "loss.contrast.memory.pixels_per_image=4",
     "loss.contrast.memory.region_size=3",
 ]
-
-
-def _float64_trainer(cfg) -> Trainer:
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        return Trainer(cfg, progress=False)
-    finally:
-        torch.set_default_dtype(default)
 
 
 def _options(trainer: Trainer) -> Options:

@@ -27,22 +27,11 @@ from contrastseg.models.pyramid_pooling import adaptive_avg_pool
 from contrastseg.models.summary import format_models, list_models, summarize
 from contrastseg.report import format_markdown
 from contrastseg.rundir import load_runs
+from test_model_zoo import _few_threads, model_cfg  # noqa: F401  (autouse fixture)
 from tiny import SMALL_CONTRAST, TINY
 
 CONFIGS = Path(__file__).parents[1] / "configs" / "cityscapes"
 NUM_CLASSES = 5
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def model_cfg(backbone: str, head: str, **kw) -> ModelConfig:
-    return ModelConfig.model_validate({"backbone": {"name": backbone}, "head": head, **kw})
 
 
 # ------------------------------------------------ the reference layouts, one layer at a time
