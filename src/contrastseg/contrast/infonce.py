@@ -257,8 +257,9 @@ class _ClassSlotBankBlock:
     anchor's memory positives are the filled slots of its own class; its negatives all other
     classes' filled slots.
 
-    Forward is one product with the memory, in column chunks of one class each; each chunk is
-    reduced while it is in cache: the anchors of the chunk's class copy their similarities out
+    Forward is one product with the memory, in column chunks (one class or a range of its
+    slots; several whole classes when the memory is small); each chunk is reduced while it is
+    in cache: the anchors of each of its classes copy their similarities out
     (their positives), then ``exp`` in place (as ``exp2`` of similarities scaled by
     ``log2(e)``, twice as fast on CPUs) and the per-anchor sum. The anchor's reference ``m``
     for the loss is the log-sum-exp of its memory negatives (not their maximum: no max pass;
@@ -286,25 +287,37 @@ class _ClassSlotBankBlock:
         for count in torch.bincount(labels, minlength=C)[:C].tolist():
             bounds.append(bounds[-1] + count)
         self.bounds = bounds
-        chunk_class = [c for c in range(C) for _ in range(0, K, self.cols)]
-        self.own = torch.tensor(chunk_class, device=labels.device)[:, None] == labels[None, :]
+        self.own = labels[:, None] == torch.arange(C, device=labels.device)[None, :]  # (N, C)
 
     def _chunks(self):
+        """Column chunks ``(c0, c1, k0, k1)``: classes ``c0:c1``, slots ``k0:k1``. Several whole
+        classes per chunk when one class's slots fit (a small memory: fewer, larger steps),
+        else one class in ranges of ``cols`` slots."""
         C, K, _ = self.slots.shape
-        for c in range(C):
-            for k0 in range(0, K, self.cols):
-                yield c, k0, min(K, k0 + self.cols)
+        if self.cols >= K:
+            step = self.cols // K
+            for c0 in range(0, C, step):
+                yield c0, min(C, c0 + step), 0, K
+        else:
+            for c in range(C):
+                for k0 in range(0, K, self.cols):
+                    yield c, c + 1, k0, min(K, k0 + self.cols)
 
-    def _product(self, zs2: Tensor, c: int, k0: int, k1: int, copy_pos: bool) -> Tensor:
-        """Chunk ``(c, k0:k1)`` of ``s log2(e)`` into the kept matrix; the anchors of class
-        ``c`` copy theirs to ``pos`` first."""
-        out = _mm(zs2, self.slots[c, k0:k1].t(), out=self.store[:, c, k0:k1])
+    def _product(self, zs2: Tensor, c0: int, c1: int, k0: int, k1: int, copy_pos: bool) -> Tensor:
+        """Chunk ``(c0:c1, k0:k1)`` of ``s log2(e)`` into the kept matrix, returned as its
+        ``(N, c1 - c0, k1 - k0)`` view; the anchors of each class copy theirs to ``pos``
+        first."""
+        view = self.store[:, c0:c1, k0:k1]
+        rows = self.slots[c0:c1, k0:k1].reshape(-1, self.slots.shape[2])
+        _mm(zs2, rows.t(), out=view.flatten(1))  # a view: whole classes, or one class
         if not self.all_valid:
-            out.masked_fill_(~self.valid[c, k0:k1], -math.inf)
-        s0, s1 = self.bounds[c], self.bounds[c + 1]
-        if copy_pos and s1 > s0:
-            self.pos[s0:s1, k0:k1] = out[self.order[s0:s1]]
-        return out
+            view.masked_fill_(~self.valid[c0:c1, k0:k1], -math.inf)
+        if copy_pos:
+            for c in range(c0, c1):
+                s0, s1 = self.bounds[c], self.bounds[c + 1]
+                if s1 > s0:
+                    self.pos[s0:s1, k0:k1] = view[self.order[s0:s1], c - c0]
+        return view
 
     def negative_max(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """Per anchor: a detached reference at least as large as every memory negative's
@@ -314,20 +327,21 @@ class _ClassSlotBankBlock:
         self.zs2 = z * (self.inv_tau * _LOG2E)
         self.store = z.new_empty((n, C, K))
         self.pos = z.new_empty((n, K))  # own-class similarities x log2(e), class order
-        sums = [
-            self._product(self.zs2, c, k0, k1, True).exp2_().sum(1) for c, k0, k1 in self._chunks()
-        ]
-        self.e_ref = torch.where(self.own, 0.0, torch.stack(sums)).sum(0)
+        sums = z.new_zeros((n, C))  # per anchor and class
+        for c0, c1, k0, k1 in self._chunks():
+            sums[:, c0:c1] += self._product(self.zs2, c0, c1, k0, k1, True).exp2_().sum(2)
+        self.e_ref = sums.masked_fill_(self.own, 0.0).sum(1)
         self.shifted = False  # exp(s) kept, not exp(s - m)
         n_valid = self.valid.sum(1)
         n_neg = n_valid.sum() - n_valid[self.labels]
         lse = torch.log(self.e_ref)
         bound = _SLOT_REF_BOUND[z.dtype]
         if bool(((n_neg > 0) & ~(lse.abs() <= bound)).any()):  # out of range: exact maxima
-            maxes = []
-            for c, k0, k1 in self._chunks():
-                maxes.append(self._product(self.zs2, c, k0, k1, False).amax(1))
-            block_max = torch.where(self.own, -math.inf, torch.stack(maxes)).amax(0) * _LN2
+            maxes = z.new_full((n, C), -math.inf)
+            for c0, c1, k0, k1 in self._chunks():
+                chunk = self._product(self.zs2, c0, c1, k0, k1, False).amax(2)
+                maxes[:, c0:c1] = torch.maximum(maxes[:, c0:c1], chunk)
+            block_max = maxes.masked_fill_(self.own, -math.inf).amax(1) * _LN2
             self.shifted = True
         else:
             block_max = torch.where(n_neg > 0, lse, -math.inf)
@@ -339,12 +353,12 @@ class _ClassSlotBankBlock:
         if not self.shifted and bool((m.abs() > _SLOT_REF_BOUND[m.dtype]).any()):
             self.shifted = True  # the in-batch reference is far from 0: keep exp(s - m)
         if self.shifted:
-            m2 = (m * _LOG2E)[:, None]
-            sums = [
-                self._product(self.zs2, c, k0, k1, False).sub_(m2).exp2_().sum(1)
-                for c, k0, k1 in self._chunks()
-            ]
-            self.e_ref = torch.where(self.own, 0.0, torch.stack(sums)).sum(0)
+            m2 = (m * _LOG2E)[:, None, None]
+            sums = m.new_zeros(self.own.shape)
+            for c0, c1, k0, k1 in self._chunks():
+                chunk = self._product(self.zs2, c0, c1, k0, k1, False)
+                sums[:, c0:c1] += chunk.sub_(m2).exp2_().sum(2)
+            self.e_ref = sums.masked_fill_(self.own, 0.0).sum(1)
         del self.zs2
         self.shift = torch.zeros_like(m) if self.shifted else -m  # ref - m, ref = 0 or m
         e_ref, self.e_ref = self.e_ref, None
