@@ -1,5 +1,5 @@
-"""The supervised InfoNCE loss of pixel contrast, one autograd function with a hand-written
-backward (docs/method.md, "The loss").
+"""The supervised InfoNCE loss of pixel contrast, one autograd function with a closed-form
+gradient formed in the call (docs/method.md, "The loss").
 
 :func:`contrast_loss` takes sampled anchors and, optionally, a memory bank: all entries (in a
 flat ``(M, D)`` bank or in a class memory's own ``(C, K, D)`` layout) or per-anchor subsets
@@ -148,17 +148,17 @@ class _InBatchBlock:
         sums = _row_sums(self.rows, torch.stack([t, self.r], 1), self.n_row)
         return self._unsort(sums[:, 0]), self._unsort(sums[:, 1])
 
-    def grad(self, wg: Tensor, e_safe: Tensor, r_sum: Tensor) -> Tensor:
-        """Gradient with respect to the anchors (``wg``: the row weights): ``(G + G^T) z / tau``."""
+    def grad(self, w: Tensor, e_safe: Tensor, r_sum: Tensor) -> Tensor:
+        """Gradient with respect to the anchors (``w``: the row weights): ``(G + G^T) z / tau``."""
         o = self.order
-        c = wg[o] * r_sum[o] * torch.exp(self.shift)  # per row: negatives' coefficient
+        c = w[o] * r_sum[o] * torch.exp(self.shift)  # per row: negatives' coefficient
         if self.shifted:
             g = self.ex * c[:, None]
             g = g + g.T
         else:
             g = torch.addcmul(self.ex * c[:, None], self.ex, c[None, :])
-        w = (-wg[o] * e_safe[o])[self.rows] * self.r  # positive pairs (i, j)
-        g.view(-1)[self.flat] = w + w[self.transposed]
+        pair = (-w[o] * e_safe[o])[self.rows] * self.r  # positive pairs (i, j)
+        g.view(-1)[self.flat] = pair + pair[self.transposed]
         return self._unsort((g @ self.zp).mul_(self.inv_tau))
 
 
@@ -319,6 +319,19 @@ class _ClassSlotBankBlock:
                     self.pos[s0:s1, k0:k1] = view[self.order[s0:s1], c - c0]
         return view
 
+    def _negative_exp_sums(self, m: Tensor | None) -> Tensor:
+        """One pass of products over the chunks, each exponentiated in place into the kept
+        matrix: per anchor, the sum of ``exp(s)`` (``m`` None; the anchors copy their
+        positives' similarities out first) or of ``exp(s - m)`` over its memory negatives."""
+        sums = self.zs2.new_zeros(self.own.shape)  # per anchor and class
+        m2 = None if m is None else (m * _LOG2E)[:, None, None]
+        for c0, c1, k0, k1 in self._chunks():
+            chunk = self._product(self.zs2, c0, c1, k0, k1, copy_pos=m is None)
+            if m2 is not None:
+                chunk.sub_(m2)
+            sums[:, c0:c1] += chunk.exp2_().sum(2)
+        return sums.masked_fill_(self.own, 0.0).sum(1)
+
     def negative_max(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """Per anchor: a detached reference at least as large as every memory negative's
         logit (their log-sum-exp; ``-inf`` without any), and the number of memory positives.
@@ -327,10 +340,7 @@ class _ClassSlotBankBlock:
         self.zs2 = z * (self.inv_tau * _LOG2E)
         self.store = z.new_empty((n, C, K))
         self.pos = z.new_empty((n, K))  # own-class similarities x log2(e), class order
-        sums = z.new_zeros((n, C))  # per anchor and class
-        for c0, c1, k0, k1 in self._chunks():
-            sums[:, c0:c1] += self._product(self.zs2, c0, c1, k0, k1, True).exp2_().sum(2)
-        self.e_ref = sums.masked_fill_(self.own, 0.0).sum(1)
+        self.e_ref = self._negative_exp_sums(None)
         self.shifted = False  # exp(s) kept, not exp(s - m)
         n_valid = self.valid.sum(1)
         n_neg = n_valid.sum() - n_valid[self.labels]
@@ -353,12 +363,7 @@ class _ClassSlotBankBlock:
         if not self.shifted and bool((m.abs() > _SLOT_REF_BOUND[m.dtype]).any()):
             self.shifted = True  # the in-batch reference is far from 0: keep exp(s - m)
         if self.shifted:
-            m2 = (m * _LOG2E)[:, None, None]
-            sums = m.new_zeros(self.own.shape)
-            for c0, c1, k0, k1 in self._chunks():
-                chunk = self._product(self.zs2, c0, c1, k0, k1, False)
-                sums[:, c0:c1] += chunk.sub_(m2).exp2_().sum(2)
-            self.e_ref = sums.masked_fill_(self.own, 0.0).sum(1)
+            self.e_ref = self._negative_exp_sums(m)
         del self.zs2
         self.shift = torch.zeros_like(m) if self.shifted else -m  # ref - m, ref = 0 or m
         e_ref, self.e_ref = self.e_ref, None
@@ -393,11 +398,11 @@ class _ClassSlotBankBlock:
     def pos_valid(self, s: int, e: int) -> Tensor:
         return self.valid[self.sorted_labels[s:e]]
 
-    def grad(self, wg: Tensor, e_safe: Tensor, r_sum: Tensor) -> Tensor:
-        """Gradient with respect to the anchors (``wg``: the row weights). Negatives:
-        ``wg r_sum exp(s - m)``; positives: ``-wg E / d``. The own-class
+    def grad(self, w: Tensor, e_safe: Tensor, r_sum: Tensor) -> Tensor:
+        """Gradient with respect to the anchors (``w``: the row weights). Negatives:
+        ``w r_sum exp(s - m)``; positives: ``-w E / d``. The own-class
         entries of the kept matrix take ``-(E / r_sum) exp(-shift) / d`` so that one row scale
-        ``wg r_sum exp(shift)`` after the product gives both."""
+        ``w r_sum exp(shift)`` after the product gives both."""
         n, C, K = self.store.shape
         scale = torch.exp(self.shift)
         ratio = torch.where(r_sum > 0, -e_safe / torch.where(r_sum > 0, r_sum, 1.0), 0.0)
@@ -409,7 +414,7 @@ class _ClassSlotBankBlock:
             g = self.store.new_zeros((n, flat.shape[1]))
             for s in range(0, C * K, self.cols):
                 g += _mm(self.store.view(n, C * K)[:, s : s + self.cols], flat[s : s + self.cols])
-        return g.mul_((wg * r_sum * scale * self.inv_tau)[:, None])
+        return g.mul_((w * r_sum * scale * self.inv_tau)[:, None])
 
 
 def _row_sums(rows: Tensor, values: Tensor, counts: Tensor) -> Tensor:

@@ -468,7 +468,10 @@ class Trainer:
             return metrics, []
         extra: dict = {"iteration": self.iteration}
         if self.best is not None:
-            extra["best"] = {**self.best, "checkpoint": "checkpoints/best.pt"}
+            extra["best"] = {
+                **self.best,
+                "checkpoint": self.best_path.relative_to(self.run_dir).as_posix(),
+            }
         write_eval_json(metrics, self.class_names, self.run_dir / "eval.json", **extra)
         print(format_table(metrics, self.class_names))
         return metrics, samples

@@ -65,10 +65,7 @@ def cross_entropy(
         logits, target, weight=weight, ignore_index=ignore_index, reduction="sum"
     )
     if normalizer is None:
-        if class_weights is None:
-            normalizer = (target != ignore_index).sum()
-        else:
-            normalizer = labelled_weight(target, ignore_index, class_weights).to(total.dtype)
+        normalizer = labelled_weight(target, ignore_index, class_weights).to(total.dtype)
     if isinstance(normalizer, torch.Tensor):
         if class_weights is None:
             return total / normalizer.clamp(min=1)
