@@ -14,6 +14,7 @@ from contrastseg.errors import ContrastSegError, TrainingInterrupted
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    pretty_exceptions_enable=False,  # main() prints one line; no rich traceback boxes
     help="Semantic segmentation with cross-image pixel contrast.",
 )
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print side-by-side ratios.")
@@ -52,6 +53,26 @@ Batch = Annotated[int, typer.Option(help="Batch size.")]
 
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from contrastseg import __version__
+
+        typer.echo(f"contrastseg {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Semantic segmentation with cross-image pixel contrast."""
 
 
 @app.command()
@@ -506,8 +527,76 @@ def figures_embeddings(
     typer.echo("wrote " + ", ".join(str(p) for p in written))
 
 
+def _is_click_error(err: BaseException) -> bool:
+    """A click (or typer's vendored click) ``ClickException``, recognised by its class names so
+    that any typer/click release qualifies, whichever module its exceptions live in."""
+    names = {cls.__name__ for cls in type(err).__mro__}
+    return "ClickException" in names and callable(getattr(err, "format_message", None))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _usage_error_lines(err: BaseException) -> list[str]:
+    """``error: ...`` first, then the usage line and the ``--help`` hint when known."""
+    message = _one_line(err.format_message())
+    cause = err.__cause__
+    errors = getattr(cause, "errors", None)  # typer's pydantic coercion drops the value itself
+    if callable(errors):
+        try:
+            got = [e["input"] for e in errors() if isinstance(e.get("input"), str)]
+        except Exception:  # a message without the value is still a message
+            got = []
+        if got and repr(got[0]) not in message:
+            message += f" (got {got[0]!r})"
+    lines = [f"error: {message}"]
+    ctx = getattr(err, "ctx", None)
+    if ctx is not None:
+        try:
+            lines.append(_one_line(ctx.get_usage()))
+            lines.append(f"Try '{ctx.command_path} {ctx.help_option_names[0]}' for help.")
+        except Exception:  # the error line alone is enough
+            pass
+    return lines
+
+
+def _internal_error(err: BaseException) -> None:
+    """One line naming an unexpected exception and the file holding its traceback, exit 1.
+    CONTRASTSEG_TRACEBACK=1 prints the traceback instead."""
+    import os
+    import tempfile
+    import time
+    import traceback
+
+    text = "".join(traceback.format_exception(err))
+    first = _one_line(str(err).splitlines()[0]) if str(err).strip() else ""
+    name = f"{type(err).__name__}: {first}" if first else type(err).__name__
+    if os.environ.get("CONTRASTSEG_TRACEBACK", "") not in ("", "0"):
+        sys.stderr.write(text)
+        typer.secho(f"error: internal error: {name}", fg="red", err=True)
+        sys.exit(1)
+    try:
+        folder = Path(tempfile.gettempdir()) / "contrastseg"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"traceback-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+        path.write_text(text, encoding="utf-8")
+        where = f"traceback in {path}"
+    except OSError:
+        where = "traceback not written"
+    typer.secho(
+        f"error: internal error: {name} ({where}; CONTRASTSEG_TRACEBACK=1 prints it)",
+        fg="red",
+        err=True,
+    )
+    sys.exit(1)
+
+
 def main() -> None:
-    """Entry point: turns contrastseg's own errors into a one-line message and exit code 2."""
+    """Entry point. contrastseg's own errors and usage errors (whatever typer/click release
+    raises them) print one ``error:`` line and exit with status 2; bare ``contrastseg`` or a bare
+    command group prints its help and exits with 0; anything unexpected prints one line naming
+    it and where its traceback was written, and exits with 1."""
     _setup_logging()
     try:
         code = app(standalone_mode=False)  # a command's typer.Exit(n) comes back as n here
@@ -519,14 +608,24 @@ def main() -> None:
     except ContrastSegError as err:
         typer.secho(f"error: {err}", fg="red", err=True)
         sys.exit(2)
-    except typer.Exit as err:
-        sys.exit(err.exit_code)
-    except typer.Abort:
-        sys.exit(130)
-    except Exception as err:  # click usage errors
-        import click
-
-        if isinstance(err, click.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
+    except SystemExit:
         raise
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as err:
+        names = {cls.__name__ for cls in type(err).__mro__}
+        if "NoArgsIsHelpError" in names:  # bare command: its help, as --help prints it
+            typer.echo(err.format_message())
+            sys.exit(0)
+        if _is_click_error(err):
+            lines = _usage_error_lines(err)
+            typer.secho(lines[0], fg="red", err=True)
+            for line in lines[1:]:
+                typer.echo(line, err=True)
+            code = getattr(err, "exit_code", 2)
+            sys.exit(code if isinstance(code, int) and code else 2)
+        if "Exit" in names and isinstance(getattr(err, "exit_code", None), int):
+            sys.exit(err.exit_code)
+        if "Abort" in names:
+            sys.exit(130)
+        _internal_error(err)
