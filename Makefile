@@ -4,13 +4,17 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-contrast test lint format clean
+.PHONY: demo demo-contrast test lint format clean lock
 
-$(STAMP): pyproject.toml constraints.txt
+# requirements.lock pins every runtime and dev dependency; `make lock` regenerates it (README).
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c requirements.lock --upgrade pip
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
 	touch $(STAMP)
+
+lock:
+	scripts/lock.sh
 
 demo: $(STAMP)
 	rm -rf runs/demo
