@@ -52,7 +52,10 @@ Batch = Annotated[int, typer.Option(help="Batch size.")]
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    """contrastseg's own INFO lines; other libraries' only from WARNING up (e.g. the ONNX
+    exporter's optimiser passes log every step at INFO)."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("contrastseg").setLevel(logging.INFO)
 
 
 def _print_version(value: bool) -> None:
@@ -106,12 +109,27 @@ def evaluate(
     trust_checkpoint: Trust = False,
 ) -> None:
     """Evaluate a checkpoint (as the config's eval section says: whole image or sliding
-    window, scales, flip); print the table, write eval.json."""
+    window, scales, flip); print the table, write eval.json (default: the checkpoint's run's,
+    replacing it). The model is the checkpoint's: --set model.* is refused."""
     from contrastseg import evaluate_checkpoint, load_config
+    from contrastseg.engine.inference import eval_json_path
+    from contrastseg.errors import ConfigError
 
+    model_keys = [o.split("=", 1)[0].strip() for o in overrides or []]
+    model_keys = [k for k in model_keys if k == "model" or k.startswith("model.")]
+    if model_keys:
+        raise ConfigError(
+            f"eval: --set {', '.join(model_keys)} would be ignored: the model is built from the "
+            "config saved in the checkpoint; drop the model.* overrides"
+        )
     cfg = load_config(config, overrides or [])
+    out = eval_json_path(checkpoint, out)
+    existed = out.exists()
     metrics = evaluate_checkpoint(cfg, checkpoint, split=split, out=out, trust=trust_checkpoint)
-    typer.echo(f"mIoU: {100 * metrics['mIoU']:.2f}%")
+    typer.echo(
+        f"mIoU: {100 * metrics['mIoU']:.2f}%  ({'replaced' if existed else 'wrote'} {out}; "
+        "--out writes elsewhere)"
+    )
 
 
 @app.command()
@@ -228,17 +246,42 @@ def models_list(
 @app.command()
 def summary(
     config: Annotated[Path, typer.Argument(help="Experiment YAML file (its model section).")],
-    height: Annotated[int, typer.Option(help="Input height for the FLOPs.")] = 1024,
-    width: Annotated[int, typer.Option(help="Input width for the FLOPs.")] = 2048,
-    classes: Annotated[int, typer.Option(help="Number of classes.")] = 19,
+    height: Annotated[
+        int | None, typer.Option(help="Input height for the FLOPs (default: data.crop_size's).")
+    ] = None,
+    width: Annotated[
+        int | None, typer.Option(help="Input width for the FLOPs (default: data.crop_size's).")
+    ] = None,
+    classes: Annotated[
+        int | None,
+        typer.Option(help="Number of classes (default: the config's data set's, read from it)."),
+    ] = None,
     overrides: Overrides = None,
 ) -> None:
-    """Parameters and FLOPs of the inference and of the training model of a config."""
+    """Parameters and FLOPs of the inference and of the training model of a config, for its
+    data set's classes at its crop size (--classes, --height, --width set others)."""
     from contrastseg import load_config
     from contrastseg.models.summary import format_summary, summarize
 
     cfg = load_config(config, overrides or [])
-    typer.echo(format_summary(summarize(cfg.model, classes, (height, width))))
+    if classes is None:
+        classes = _config_classes(cfg)
+    size = (height or cfg.data.crop_size[0], width or cfg.data.crop_size[1])
+    typer.echo(format_summary(summarize(cfg.model, classes, size)))
+
+
+def _config_classes(cfg) -> int:
+    """The number of classes of the config's data set (val split), from its source."""
+    from contrastseg.data.build import open_source
+    from contrastseg.errors import ConfigError
+
+    try:
+        return len(open_source(cfg.data, cfg.data.val_split).classes)
+    except ContrastSegError as err:
+        raise ConfigError(
+            f"summary: the number of classes comes from the data set, which did not open "
+            f"({err}); pass --classes N"
+        ) from None
 
 
 @app.command()

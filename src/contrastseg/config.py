@@ -459,6 +459,10 @@ class ExperimentConfig(_Section):
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        inside = [p for p in sorted(path.glob("*.yaml")) if not p.name.startswith("_")]
+        example = f", e.g. {inside[0]}" if inside else ""
+        raise ConfigError(f"{path}: is a folder, not a config file; give a YAML file{example}")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
@@ -512,6 +516,41 @@ def _allowed(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return sorted(getattr(current, "model_fields", None) or [])
 
 
+def _expected_form(loc: tuple[Any, ...], value: Any) -> str:
+    """For a list-valued key (a tuple field such as ``data.crop_size``), the form it expects:
+    ``"; expected a list of 2 ints like [96, 96]"``; ``""`` for other keys."""
+    import types
+    import typing
+
+    field, current = None, ExperimentConfig
+    for part in loc:
+        if isinstance(part, int):  # an item of the list: the list's field
+            break
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return ""
+        current = field.annotation
+    if field is None:
+        return ""
+    annotation = field.annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        rest = [a for a in typing.get_args(annotation) if a is not type(None)]
+        annotation = rest[0] if len(rest) == 1 else None
+    args = typing.get_args(annotation) if typing.get_origin(annotation) is tuple else ()
+    kinds = {a for a in args if a is not Ellipsis}
+    if len(kinds) != 1 or not isinstance(next(iter(kinds)), type):
+        return ""
+    kind = next(iter(kinds))
+    default = field.default if isinstance(field.default, tuple) else None
+    if Ellipsis in args:
+        example = list(default) if default else None
+        return f"; expected a list of {kind.__name__}s" + (f" like {example}" if example else "")
+    scalar = isinstance(value, kind) and not isinstance(value, bool)
+    example = [value] * len(args) if scalar else list(default) if default else None
+    like = f" like {example}" if example else ""
+    return f"; expected a list of {len(args)} {kind.__name__}s{like}"
+
+
 def _format_errors(source: str, err: ValidationError) -> str:
     lines = []
     for e in err.errors():
@@ -529,6 +568,7 @@ def _format_errors(source: str, err: ValidationError) -> str:
             msg = e["msg"]
             if e["type"] == "literal_error":
                 msg = msg.replace("Input should be", "allowed values are")
+            msg += _expected_form(loc, value)
             lines.append(f"{source}: key '{key}' = {value!r}: {msg}")
     return "\n".join(lines)
 

@@ -87,6 +87,12 @@ def predict_ids(model: Segmentor, cfg: ExperimentConfig, rgb: np.ndarray) -> np.
     return scores.argmax(1)[0].to("cpu", torch.uint8).numpy()
 
 
+def eval_json_path(checkpoint: Path, out: Path | None = None) -> Path:
+    """Where :func:`evaluate_checkpoint` writes: ``out``, else ``eval.json`` of the run the
+    checkpoint belongs to (``runs/NAME/checkpoints/X.pt`` -> ``runs/NAME/eval.json``)."""
+    return out or Path(checkpoint).resolve().parent.parent / "eval.json"
+
+
 def evaluate_checkpoint(
     cfg: ExperimentConfig,
     checkpoint: Path,
@@ -114,7 +120,7 @@ def evaluate_checkpoint(
     metrics, _ = evaluate(
         model, dataset, device, cfg.eval.batch_size, cfg.data.num_workers, eval_cfg=cfg.eval
     )
-    out = out or Path(checkpoint).resolve().parent.parent / "eval.json"
+    out = eval_json_path(checkpoint, out)
     write_eval_json(
         metrics,
         dataset.classes,
