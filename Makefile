@@ -17,10 +17,12 @@ lock:
 	scripts/lock.sh
 
 demo: $(STAMP)
+	@echo "removing runs/demo (the previous run of this demo, if any), then training it anew"
 	rm -rf runs/demo
 	$(BIN)/contrastseg train configs/demo.yaml
 
 demo-contrast: $(STAMP)
+	@echo "removing runs/demo_contrast (the previous run of this demo, if any), then training it anew"
 	rm -rf runs/demo_contrast
 	$(BIN)/contrastseg train configs/demo_contrast.yaml
 
