@@ -99,3 +99,26 @@ def test_only_contrastseg_logs_at_info():
     assert done.returncode == 0, done.stderr
     assert "third-party pass" not in done.stderr
     assert "third-party warning" in done.stderr and "our notice" in done.stderr
+
+
+def test_one_s_per_iter_on_the_console_in_metrics_and_in_report(
+    tiny_cfg, tmp_path, run_cli, capsys
+):
+    from contrastseg.rundir import median_s_per_iter
+
+    cfg = tiny_cfg("train.threads=1", "train.log_every=2", "data.val_size=2")
+    config = tmp_path / "tiny.yaml"
+    save_config(cfg, config)
+    assert run_cli("train", str(config)) == 0  # progress lines: stdout is not a terminal
+    lines = capsys.readouterr().out.splitlines()
+    records = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in records] == [2, 4, 6]
+    progress = {int(x.split()[1].split("/")[0]): x for x in lines if x.startswith("iter ")}
+    assert sorted(progress) == [1, 2, 3, 4, 5, 6]
+    assert "s/iter" not in progress[1]  # no window logged yet
+    for r in records:  # each line shows the window of the record logged at its iteration
+        assert f"  {r['s_per_iter']:.2f} s/iter" in progress[r["iter"]], progress[r["iter"]]
+    assert f"  {records[1]['s_per_iter']:.2f} s/iter" in progress[5]  # iteration 4's
+    median = median_s_per_iter(cfg.run_dir / "metrics.jsonl")
+    assert median is not None and lines[-1].startswith("run: ")
+    assert lines[-1].endswith(f"s/iter: {median:.3f} (median of the logged windows)"), lines[-1]

@@ -93,9 +93,13 @@ def train(
 
     cfg = load_config(config, overrides or [])
     result = run_training(cfg, resume=resume, progress=progress)
+    from contrastseg.rundir import median_s_per_iter
+
+    s_iter = median_s_per_iter(result.run_dir / "metrics.jsonl")  # what report tables
+    timing = f"  s/iter: {s_iter:.3f} (median of the logged windows)" if s_iter else ""
     typer.echo(
         f"run: {result.run_dir}  iterations: {result.iteration}  "
-        f"val mIoU: {100 * result.metrics['mIoU']:.2f}%"
+        f"val mIoU: {100 * result.metrics['mIoU']:.2f}%{timing}"
     )
 
 

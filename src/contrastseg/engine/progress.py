@@ -1,4 +1,8 @@
-"""Progress bar of the training loop: loss, learning rate, s/iter and ETA."""
+"""Progress bar of the training loop: loss, learning rate, s/iter and ETA.
+
+s/iter is that of the newest logged window (the mean step time since the previous
+``metrics.jsonl`` record, as that record's ``s_per_iter``); the trainer sets it each time it logs.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ class TrainProgress:
         self._bar: Progress | None = None
         self._task = None
         self._next_line = start + max(1, total // 10)
+        #: s_per_iter of the newest metrics.jsonl record (None before the first one)
+        self.window_s_per_iter: float | None = None
 
     def __enter__(self) -> TrainProgress:
         if self.enabled and self.interactive:
@@ -37,9 +43,16 @@ class TrainProgress:
 
     def advance(self, values: dict[str, float]) -> None:
         self.done += 1
-        elapsed = time.perf_counter() - self.t0
-        s_iter = elapsed / (self.done - self.start)
-        info = f"loss {values['total']:.4f}  lr {values['lr']:.2e}  {s_iter:.2f} s/iter"
+        window = self.window_s_per_iter
+        info = f"loss {values['total']:.4f}  lr {values['lr']:.2e}"
+        if window is not None:
+            info += f"  {window:.2f} s/iter"
+        # the ETA from the newest window, before the first one from the mean since the start
+        s_iter = (
+            window
+            if window is not None
+            else (time.perf_counter() - self.t0) / max(1, self.done - self.start)
+        )
         if self._bar is not None:
             self._bar.update(self._task, completed=self.done, info=info)
         elif self.enabled and (self.done >= self._next_line or self.done == self.total):

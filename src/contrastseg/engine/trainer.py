@@ -390,7 +390,6 @@ class Trainer:
         with stop, TrainProgress(total, self.iteration, enabled=self.progress and main) as bar:
             for batch in self._loader():
                 values = self.train_step(batch)
-                bar.advance(values)
                 if values["skipped"]:
                     bad_steps += 1
                     log.warning(
@@ -414,6 +413,7 @@ class Trainer:
                     now = time.perf_counter()
                     values["s_per_iter"] = (now - t_last) / max(1, self.iteration - it_last)
                     t_last, it_last = now, self.iteration
+                    bar.window_s_per_iter = values["s_per_iter"]  # the console shows this record's
                     if main:
                         metrics_file.write(json.dumps({"iter": self.iteration, **values}) + "\n")
                         metrics_file.flush()
@@ -421,6 +421,7 @@ class Trainer:
                             writer.add_scalar(f"train/{k}", v, self.iteration)
                     if not all(math.isfinite(v) for v in values.values()):
                         log.warning("non-finite value at iteration %d: %s", self.iteration, values)
+                bar.advance(values)
                 if self.iteration % cfg.train.checkpoint_every == 0 and self.iteration < total:
                     self.save_checkpoint()
                 # Any process's signal stops all of them (one all-reduce under DDP).
