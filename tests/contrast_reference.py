@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from contrastseg.contrast import sample_anchors, select_from_bank
+from selection import check_bank_selection
 
 IGNORE = 255
 
@@ -257,7 +258,8 @@ def reference_call(
                     if j >= 0:
                         seen[i, j] += 1
     loss = infonce(z, y, bank, bank_labels, seen, opts.temperature, opts.base_temperature)
-    return ReferenceCall(loss, x, params, running, embed.detach(), grid, gen, own_index)
+    extra = {"anchors": z.detach(), "anchor_labels": y, "bank": bank, "bank_labels": bank_labels}
+    return ReferenceCall(loss, x, params, running, embed.detach(), grid, gen, own_index, extra)
 
 
 def local_entries(embed: torch.Tensor, grid: torch.Tensor, opts: Options, gen: torch.Generator):
@@ -329,3 +331,33 @@ def push(state: dict, opts: Options, entries: list, image_ids: list) -> dict:
                         out["memory.region_queue"][c, ids[b]] = regions[b][c].to(store)
                         out["memory.region_filled"][c, ids[b]] = True
     return out
+
+
+def check_module_selection(
+    index: torch.Tensor, ref: ReferenceCall, opts: Options, eps: float, what: str
+) -> None:
+    """The memory subsets the module drew against the reference's float64 similarities.
+
+    ``random`` draws its keys without reading a score, from the same generator state through
+    the same function, in one process: the subsets are bit-identical by design. ``hardest``
+    and ``semi_hard`` rank similarities that the module and the reference reach through
+    different operations; near-ties may go either way on another kernel, so the module's
+    picks are checked to be a correct selection within ``eps``, and equal to the
+    reference's own picks wherever the selection's boundary is clear by more than ``eps``."""
+    if opts.memory_sampling == "random":
+        assert torch.equal(index, ref.bank_index), f"{what}: random memory subsets differ"
+        return
+    check_bank_selection(
+        index,
+        ref.extra["anchors"],
+        ref.extra["anchor_labels"],
+        ref.extra["bank"],
+        ref.extra["bank_labels"],
+        opts.memory_sampling,
+        opts.k_pos,
+        opts.k_neg,
+        opts.semi_hard_fraction,
+        eps,
+        what,
+        expected=ref.bank_index,
+    )
