@@ -88,10 +88,16 @@ def train(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Train a model, checkpoint it, evaluate it on the val split."""
-    from contrastseg import load_config
-    from contrastseg import train as run_training
+    from contrastseg.config import load_config
 
     cfg = load_config(config, overrides or [])
+    if resume:  # a changed trajectory key is refused before anything is built
+        from contrastseg.engine.resume import check_run_folder
+
+        check_run_folder(cfg)
+    # torch, the models and the data only once the config is known to be valid
+    from contrastseg import train as run_training
+
     result = run_training(cfg, resume=resume, progress=progress)
     from contrastseg.rundir import median_s_per_iter
 
@@ -115,8 +121,7 @@ def evaluate(
     """Evaluate a checkpoint (as the config's eval section says: whole image or sliding
     window, scales, flip); print the table, write eval.json (default: the checkpoint's run's,
     replacing it). The model is the checkpoint's: --set model.* is refused."""
-    from contrastseg import evaluate_checkpoint, load_config
-    from contrastseg.engine.inference import eval_json_path
+    from contrastseg.config import load_config
     from contrastseg.errors import ConfigError
 
     model_keys = [o.split("=", 1)[0].strip() for o in overrides or []]
@@ -127,6 +132,10 @@ def evaluate(
             "config saved in the checkpoint; drop the model.* overrides"
         )
     cfg = load_config(config, overrides or [])
+    # torch, the models and the data only once the config is known to be valid
+    from contrastseg import evaluate_checkpoint
+    from contrastseg.engine.inference import eval_json_path
+
     out = eval_json_path(checkpoint, out)
     existed = out.exists()
     metrics = evaluate_checkpoint(cfg, checkpoint, split=split, out=out, trust=trust_checkpoint)

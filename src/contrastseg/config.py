@@ -14,13 +14,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from contrastseg.config_checks import check_loaded_config
 from contrastseg.datasets_table import DATA_SET_NAMES, DATA_SETS
 from contrastseg.errors import ConfigError
 from contrastseg.model_table import BACKBONE_NAMES
+from contrastseg.yaml_io import load_yaml_text, read_yaml_file
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: every float field, and every float inside a tuple, refuses NaN and
+    # +-inf ("Input should be a finite number"), so a new field is covered without a validator.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -41,7 +45,7 @@ class DataConfig(_Section):
     # trained and scored (the authors' configs/camvid/H_48_D_4.json)
     camvid_void_class: bool = False
     # synthetic only: the data set is a pure function of (seed, split, index)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63)
     train_size: int = Field(1000, ge=1)
     val_size: int = Field(100, ge=1)
     image_size: tuple[int, int] = (128, 128)
@@ -178,6 +182,15 @@ class ModelConfig(_Section):
     ocr_aux_channels: int | None = Field(None, ge=8)
     ocr_dropout: float = Field(0.05, ge=0.0, lt=1.0)
 
+    @property
+    def pools_globally(self) -> bool:
+        """Whether a branch of the head pools the whole map to 1x1 before a batch norm (ASPP's
+        image pooling, a pyramid-pooling bin of 1): in training that batch norm needs 2 images
+        or more per micro-batch."""
+        return self.head in ("deeplabv3", "deeplabv3plus") or (
+            self.head in ("pspnet", "upernet") and 1 in self.ppm_bins
+        )
+
     @model_validator(mode="before")
     @classmethod
     def _head_defaults(cls, data: Any) -> Any:
@@ -211,6 +224,10 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
+        if min(self.aspp_rates) < 1:
+            raise ValueError(
+                f"model.aspp_rates must be dilation rates >= 1, got {list(self.aspp_rates)}"
+            )
         bins = self.ppm_bins
         if not bins or min(bins) < 1 or len(set(bins)) != len(bins):
             raise ValueError(f"model.ppm_bins must be distinct integers >= 1, got {bins}")
@@ -380,7 +397,7 @@ class TrainConfig(_Section):
     iters: int = Field(1000, ge=1)
     batch_size: int = Field(8, ge=1)  # images per optimiser step, over all processes
     grad_accum: int = Field(1, ge=1)  # micro-batches per step: batch_size / (world x grad_accum)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63)
     device: str = "auto"
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(500, ge=1)
@@ -435,8 +452,21 @@ class EvalConfig(_Section):
 
 
 class OutputConfig(_Section):
+    # root must be a folder (created if missing); the run folder is root/name. Where they exist
+    # they are checked when the config is loaded (config_checks.py).
     root: Path = Path("runs")
     name: str = "run"
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, name: str) -> str:
+        parts = Path(name).parts
+        if not name.strip() or "\0" in name or Path(name).is_absolute() or ".." in parts:
+            raise ValueError(
+                f"output.name = {name!r}: must name a folder inside output.root (not empty, "
+                "not absolute, no '..')"
+            )
+        return name
 
 
 class ExperimentConfig(_Section):
@@ -449,6 +479,22 @@ class ExperimentConfig(_Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> ExperimentConfig:
+        # A head with a global-pooling branch (ASPP's image pooling; PPM's bin 1) normalises a
+        # 1x1 map: batch norm in training needs more than one value per channel, so more than
+        # one image per micro-batch (the statistics are over the micro-batch of all processes
+        # with train.sync_bn; the trainer checks each process's share without it).
+        m, t = self.model, self.train
+        if m.pools_globally and t.batch_size // t.grad_accum < 2:
+            raise ValueError(
+                f"train.batch_size = {t.batch_size} with train.grad_accum = {t.grad_accum}: "
+                f"model.head = {m.head!r} has a global-pooling branch whose batch norm needs "
+                "at least 2 images per micro-batch in training; use train.batch_size >= "
+                f"{2 * t.grad_accum} (or a head without it: hrnetv2, ocr)"
+            )
+        return self
 
     @property
     def run_dir(self) -> Path:
@@ -465,10 +511,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: is a folder, not a config file; give a YAML file{example}")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    # UTF-8 only, with limits on size, nesting and alias expansion (contrastseg/yaml_io.py)
+    data = read_yaml_file(path)
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -499,10 +543,7 @@ def _apply_override(tree: dict[str, Any], item: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
         node = child
-    try:
-        node[parts[-1]] = yaml.safe_load(raw)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"override {item!r}: value is not valid YAML: {err}") from err
+    node[parts[-1]] = load_yaml_text(raw, f"override {item!r}")
 
 
 def _allowed(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
@@ -553,8 +594,13 @@ def _expected_form(loc: tuple[Any, ...], value: Any) -> str:
 
 def _format_errors(source: str, err: ValidationError) -> str:
     lines = []
+    items: set[tuple] = set()
     for e in err.errors():
         loc = tuple(e["loc"])
+        if loc and isinstance(loc[-1], int):  # one line per list, naming its first bad item
+            if (loc[:-1], e["type"]) in items:
+                continue
+            items.add((loc[:-1], e["type"]))
         key = ".".join(str(p) for p in loc) or "(top level)"
         if e["type"] == "extra_forbidden":
             allowed = _allowed(ExperimentConfig, loc)
@@ -566,6 +612,9 @@ def _format_errors(source: str, err: ValidationError) -> str:
         else:
             value = e.get("input")
             msg = e["msg"]
+            if e["type"] == "value_error":  # our validators' messages name the key and value
+                lines.append(f"{source}: {msg.removeprefix('Value error, ')}")
+                continue
             if e["type"] == "literal_error":
                 msg = msg.replace("Input should be", "allowed values are")
             msg += _expected_form(loc, value)
@@ -601,11 +650,14 @@ def load_config(
             tree = _merge(base_tree, tree)
     for item in overrides:
         _apply_override(tree, item)
+    where = source + (" (with --set overrides)" if overrides else "")
     try:
-        return ExperimentConfig.model_validate(tree)
+        cfg = ExperimentConfig.model_validate(tree)
     except ValidationError as err:
-        where = source + (" (with --set overrides)" if overrides else "")
         raise ConfigError(_format_errors(where, err)) from None
+    # the run folder and the memory a run cannot do without, against this machine
+    check_loaded_config(cfg, where)
+    return cfg
 
 
 class _Dumper(yaml.SafeDumper):

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 from contrastseg.config import ExperimentConfig, OptimConfig, save_config
+from contrastseg.config_checks import crop_warning
 from contrastseg.contrast import PixelContrast
 from contrastseg.data import build_eval_dataset, build_train_dataset
 from contrastseg.distributed import (
@@ -25,6 +26,7 @@ from contrastseg.distributed import (
     mean_over_processes,
 )
 from contrastseg.engine import checkpoint as ckpt
+from contrastseg.engine import resume as resume_config
 from contrastseg.engine.evaluator import evaluate, format_table, write_eval_json
 from contrastseg.engine.progress import TrainProgress
 from contrastseg.engine.runtime import environment_info, resolve_device, seed_everything
@@ -74,6 +76,21 @@ def check_micro_batches(batch_size: int, grad_accum: int, world_size: int) -> No
         )
 
 
+def check_pooling_batch_norm(cfg: ExperimentConfig, world_size: int) -> None:
+    """Each process's micro-batch must hold 2 images or more when a head's global-pooling
+    batch norm trains on it alone (several processes without ``train.sync_bn``); the config
+    already refused a micro-batch of 1 over all processes."""
+    m, t = cfg.model, cfg.train
+    share = t.batch_size // (world_size * t.grad_accum)
+    if m.pools_globally and world_size > 1 and not t.sync_bn and share < 2:
+        raise ConfigError(
+            f"train.batch_size = {t.batch_size} over {world_size} processes x train.grad_accum "
+            f"= {t.grad_accum} leaves {share} image per process and micro-batch: model.head = "
+            f"{m.head!r} has a global-pooling batch norm that needs 2; set train.sync_bn: true "
+            "or a larger train.batch_size"
+        )
+
+
 def collate_train(items: list[dict]) -> dict:
     return {
         "image": torch.stack([it["image"] for it in items]),
@@ -112,6 +129,13 @@ class Trainer:
             "--resume" if resume else ckpt.auto_resume_reason(cfg.train.auto_resume, self.ckpt_dir)
         )
         resume = reason is not None
+        self.resume_reason = reason
+        # A resumed run's config against the one it ran with so far (config.yaml and the
+        # recorded changes), before anything is built: trajectory keys must not change.
+        self.recorded_config, self.config_changes = (
+            resume_config.check_run_folder(cfg) if resume else (None, {})
+        )
+        self.checkpoint_config: ExperimentConfig | None = None
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         seed_everything(cfg.train.seed, cfg.train.deterministic)
@@ -122,6 +146,15 @@ class Trainer:
 
         self.train_set = build_train_dataset(cfg.data, seed=cfg.train.seed)
         build_eval_dataset(cfg.data)  # a missing or empty val split stops the run before training
+        if self.dist.is_main and len(self.train_set):
+            first = (
+                cfg.data.image_size
+                if cfg.data.name == "synthetic"
+                else self.train_set.source[0][0].shape[:2]
+            )
+            warning = crop_warning(cfg.data, tuple(first))
+            if warning:
+                log.warning("%s", warning)
         self.num_classes = self.train_set.num_classes
         self.class_names = list(self.train_set.classes)
         model = build_model(cfg.model, self.num_classes, backbone_weights=not resume)
@@ -179,6 +212,7 @@ class Trainer:
             forward = self.ddp = DistributedDataParallel(self.model, device_ids=ids)
         self.forward = torch.compile(forward) if cfg.train.compile else forward
         check_micro_batches(cfg.train.batch_size, cfg.train.grad_accum, self.dist.world_size)
+        check_pooling_batch_norm(cfg, self.dist.world_size)
         self.iteration = 0
         # {"iteration", "mIoU"} of checkpoints/best.pt, the best val evaluation so far (with
         # train.eval_every); part of every checkpoint, so a resumed run keeps comparing with it
@@ -247,6 +281,16 @@ class Trainer:
             )
             raise CheckpointError(f"{reason}: no loadable checkpoint in {self.ckpt_dir}; {fix}")
         path, state = found
+        if self.recorded_config is None:  # no config.yaml: the checkpoint's config is the record
+            self.config_changes = resume_config.check_resume_config(
+                self.cfg, resume_config.flatten(state["config"]), f"{path} (its config)"
+            )
+            self.checkpoint_config = ExperimentConfig.model_validate(state["config"])
+        if state["iteration"] > self.cfg.train.iters:
+            raise ConfigError(
+                f"train.iters = {self.cfg.train.iters} is below the iteration of {path}, "
+                f"{state['iteration']}: resume with train.iters >= {state['iteration']}"
+            )
         if state["class_names"] != self.class_names:
             raise CheckpointError(
                 f"{path}: made for {len(state['class_names'])} classes {state['class_names']}, "
@@ -372,7 +416,27 @@ class Trainer:
         writer = metrics_file = None
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
+            if self.resume_reason is None:
+                # a new run: the config of its first iterations, written once
+                save_config(cfg, self.run_dir / "config.yaml")
+                (self.run_dir / resume_config.CHANGES_FILE).unlink(missing_ok=True)
+            elif not (self.run_dir / "config.yaml").exists() and self.checkpoint_config:
+                # deleted, or never written (a checkpoint saved without fit): the config of the
+                # checkpoint resumed from stands for the iterations so far
+                save_config(self.checkpoint_config, self.run_dir / "config.yaml")
+            if self.resume_reason is not None and self.config_changes:
+                path = resume_config.record_changes(
+                    self.run_dir, self.iteration, self.config_changes, self.resume_reason
+                )
+                log.info(
+                    "from iteration %d: %s (recorded in %s)",
+                    self.iteration,
+                    ", ".join(
+                        f"{k} {json.dumps(v['from'])} -> {json.dumps(v['to'])}"
+                        for k, v in self.config_changes.items()
+                    ),
+                    path,
+                )
             (self.run_dir / "environment.json").write_text(
                 json.dumps(environment_info(self.device), indent=2)
             )
