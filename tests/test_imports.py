@@ -22,6 +22,8 @@ FLOORS: list[set[str]] = [
         "distributed",
         "datasets_table",
         "model_table",
+        "yaml_io",
+        "config_checks",
     },
     {"config"},
     {"data", "models", "losses", "contrast"},

@@ -31,12 +31,13 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from contrastseg.errors import ConfigError
 
-if TYPE_CHECKING:
-    from contrastseg.config import DataConfig, ExperimentConfig
+# The config types are not imported (config imports this module): ``cfg`` below is an
+# ExperimentConfig, ``data`` its DataConfig.
+ExperimentConfig = DataConfig = Any
 
 __all__ = [
     "check_loaded_config",

@@ -9,7 +9,7 @@
 from contrastseg.contrast.bank_selection import MEMORY_SAMPLING_MODES, select_from_bank
 from contrastseg.contrast.infonce import contrast_loss
 from contrastseg.contrast.memory import REGION_MODES, ClassMemory
-from contrastseg.contrast.module import ContrastDiagnostics, PixelContrast
+from contrastseg.contrast.module import ContrastDiagnostics, PixelContrast, PixelContrastWarning
 from contrastseg.contrast.projection import ProjectionHead
 from contrastseg.contrast.sampling import sample_anchors
 
@@ -19,6 +19,7 @@ __all__ = [
     "ClassMemory",
     "ContrastDiagnostics",
     "PixelContrast",
+    "PixelContrastWarning",
     "ProjectionHead",
     "contrast_loss",
     "sample_anchors",

@@ -11,6 +11,7 @@ See docs/contrast.md for recipes with torchvision, segmentation_models_pytorch a
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -31,7 +32,13 @@ from contrastseg.randomness import LazyGenerator, SeededModule
 if TYPE_CHECKING:
     from contrastseg.config import ContrastConfig, ModelConfig
 
-__all__ = ["ContrastDiagnostics", "PixelContrast"]
+__all__ = ["ContrastDiagnostics", "PixelContrast", "PixelContrastWarning"]
+
+
+class PixelContrastWarning(UserWarning):
+    """A call returned a zero loss for a reason the caller can fix (warned once per cause and
+    module): the warm-up, labels that are all ignored, ``max_views`` larger than what a class
+    covers on the feature grid, or ``max_samples`` smaller than the (image, class) pairs."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,13 @@ class PixelContrast(SeededModule):
 
     ``state_dict()`` holds the projection head, the memory and the generator state, so a run
     resumed from it draws the same anchors. At inference nothing of this module runs.
+
+    A call that returns a zero loss for a reason the caller can fix warns once per module and
+    cause (:class:`PixelContrastWarning`): the warm-up is still running; every label on the
+    feature grid is ignored; no class covers more than ``max_views`` grid pixels of an image
+    (the warning names the largest count, so ``max_views`` can be set below it); more (image,
+    class) pairs qualify than ``max_samples`` allows one anchor each. The check runs only when
+    no anchor was sampled, so it costs nothing otherwise and changes no draw.
     """
 
     def __init__(
@@ -176,6 +190,7 @@ class PixelContrast(SeededModule):
                 process_group=process_group,
             )
         self._rng = LazyGenerator(seed)
+        self._warned: set[str] = set()  # the causes of a zero loss already warned about
 
     @classmethod
     def from_config(
@@ -270,6 +285,12 @@ class PixelContrast(SeededModule):
             # Warm-up: no sampling, no push; the zero keeps the projection head in the graph.
             loss = 0.0 * embed.sum()
             anchors = 0
+            self._warn_once(
+                "warmup",
+                f"step={step} < warmup_iters={self.warmup_iters}: the loss is 0 (nothing is "
+                f"sampled or stored) until step {self.warmup_iters}, the warm-up asked for; "
+                "pass warmup_iters=0 to start at once",
+            )
         else:
             loss, anchors = self._loss(embed, logits, labels, image_ids)
         if not return_diagnostics:
@@ -329,4 +350,47 @@ class PixelContrast(SeededModule):
         )
         if self.memory is not None:
             self.memory.push(embed.detach(), grid, image_ids, generator=gen)
+        if feats.shape[0] == 0:
+            self._explain_no_anchors(grid)
         return loss, feats.shape[0]
+
+    def _warn_once(self, cause: str, message: str) -> None:
+        if cause not in self._warned:
+            self._warned.add(cause)
+            warnings.warn(f"PixelContrast: {message}", PixelContrastWarning, stacklevel=2)
+
+    @torch.no_grad()
+    def _explain_no_anchors(self, grid: Tensor) -> None:
+        """Why :func:`sample_anchors` found no anchor in ``grid (B, h, w)`` (the labels on the
+        feature grid), as a warning once per cause; a few host syncs, on this path only."""
+        B, h, w = grid.shape
+        valid = grid != self.ignore_index
+        if not bool(valid.any()):
+            self._warn_once(
+                "ignored",
+                f"no anchors: every label on the {h}x{w} feature grid is ignore_index="
+                f"{self.ignore_index} or outside [0, num_classes={self.num_classes}); check the "
+                "labels you pass, num_classes and ignore_index",
+            )
+            return
+        flat = torch.where(valid, grid, self.num_classes).view(B, -1)
+        counts = torch.zeros(B, self.num_classes + 1, dtype=torch.long, device=grid.device)
+        counts.scatter_add_(1, flat, torch.ones_like(flat))
+        counts = counts[:, : self.num_classes]
+        largest = int(counts.max())
+        pairs = int((counts > self.max_views).sum())
+        if pairs == 0:
+            self._warn_once(
+                "max_views",
+                f"no anchors: a class is sampled in an image only when it covers more than "
+                f"max_views={self.max_views} pixels of the {h}x{w} feature grid, and the "
+                f"largest covers {largest}; set max_views below {largest} (e.g. "
+                f"{max(1, largest // 2)}) or feed larger inputs",
+            )
+        elif pairs > self.max_samples:
+            self._warn_once(
+                "max_samples",
+                f"no anchors: {pairs} (image, class) pairs qualify but max_samples="
+                f"{self.max_samples} allows less than one anchor per pair; raise max_samples "
+                f"to at least {pairs}",
+            )
