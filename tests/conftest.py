@@ -1,3 +1,4 @@
+import os
 import sys
 
 import pytest
@@ -8,9 +9,14 @@ from contrastseg.config import load_config
 from tiny import TINY
 
 
+# Under pytest-xdist each worker takes one core: one thread each, so that workers do not
+# contend for the cores (tests that compare two runs make both in the same worker).
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+
+
 @pytest.fixture(autouse=True)
 def _few_threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
 
 
 @pytest.fixture

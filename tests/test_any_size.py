@@ -19,25 +19,36 @@ from contrastseg.models.summary import architectures
 
 MIN_SIZE = (32, 32)  # docs/models.md, "Input sizes"
 ODD = [(375, 500), (250, 500), (97, 131)]
-# Small backbones run at every size. A large one costs seconds per forward at 375x500 on a CPU:
-# it runs at sizes with the same remainders modulo 32 instead (all the output-stride arithmetic
-# sees), plus HRNetV2-W48 once at 375x500 itself.
-FAST = {"mobilenetv1", "mobilenetv2", "mobilenetv3_large", "hrnetv2_w18_small"}
-FULL_SIZE = {("hrnetv2_w48", "hrnetv2")}
+# A forward at 375x500 costs up to seconds on a CPU: every architecture runs at sizes with the
+# same remainders modulo 64 instead (so the sizes ceil-halved five times, down to stride 32,
+# keep the parity of 375x500's at every level: all the output-stride arithmetic sees), and one
+# dilated network and HRNetV2-W48 at 375x500 itself.
+FULL_SIZE = {("hrnetv2_w48", "hrnetv2"), ("mobilenetv3_large", "deeplabv3")}
 
 
 def _stand_in(size: tuple[int, int]) -> tuple[int, int]:
-    return tuple(32 + s % 32 for s in size)
+    return tuple(64 + s % 64 if s > 128 else s for s in size)
 
 
 def _sizes(backbone: str, head: str) -> list[tuple[int, int]]:
-    sizes = [*ODD, MIN_SIZE]
-    if backbone in FAST:
-        return sizes
-    sizes = [_stand_in(s) if s[0] > 200 else s for s in sizes]
+    sizes = [_stand_in(s) for s in [*ODD, MIN_SIZE]]
     if (backbone, head) in FULL_SIZE:
         sizes.append((375, 500))
     return sizes
+
+
+def test_stand_in_sizes_halve_like_the_real_ones():
+    def chain(side):  # the side at strides 2, 4, ..., 32 (each level rounds up)
+        out = []
+        for _ in range(5):
+            side = -(-side // 2)
+            out.append(side % 2)
+        return out
+
+    for size in ODD:
+        stand_in = _stand_in(size)
+        assert max(stand_in) <= 131
+        assert [chain(s) for s in stand_in] == [chain(s) for s in size], size
 
 
 def _model(backbone: str, head: str, variant: str = "timm"):
