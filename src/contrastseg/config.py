@@ -617,7 +617,8 @@ def _format_errors(source: str, err: ValidationError) -> str:
                 continue
             if e["type"] == "literal_error":
                 msg = msg.replace("Input should be", "allowed values are")
-            msg += _expected_form(loc, value)
+            if e["type"] != "finite_number":  # the form is right, the number is not
+                msg += _expected_form(loc, value)
             lines.append(f"{source}: key '{key}' = {value!r}: {msg}")
     return "\n".join(lines)
 
