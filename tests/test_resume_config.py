@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from contrastseg.config import load_config, save_config
 from contrastseg.engine.resume import is_safe
@@ -35,7 +34,6 @@ def trained(tmp_path_factory):
         *("train.keep_checkpoints=5", "train.deterministic=true", "eval.batch_size=3"),
         *("eval.figure_images=2", f"output.root={root}", "output.name=run", *RUN),
     ]
-    torch.set_num_threads(2)
     cfg = load_config(None, settings)
     Trainer(cfg, progress=False).fit()
     return cfg.run_dir
