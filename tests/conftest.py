@@ -8,7 +8,6 @@ from contrastseg import cli
 from contrastseg.config import load_config
 from tiny import TINY
 
-
 # Under pytest-xdist each worker takes one core: one thread each, so that workers do not
 # contend for the cores (tests that compare two runs make both in the same worker).
 THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2

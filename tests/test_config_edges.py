@@ -191,6 +191,7 @@ BAD_FILES = {
 }
 
 
+@pytest.mark.serial
 @pytest.mark.parametrize("name", sorted(BAD_FILES))
 def test_bad_yaml_files_are_one_line_errors(tmp_path, name):
     data, expected = BAD_FILES[name]
@@ -233,6 +234,7 @@ CASES = {
 }
 
 
+@pytest.mark.serial
 @pytest.mark.parametrize("command", ["config show", "train", "eval"])
 def test_cli_config_errors_are_one_line_status_2_within_2_s(tmp_path, command):
     demo = tmp_path / "demo.yaml"

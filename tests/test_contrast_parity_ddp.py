@@ -113,6 +113,7 @@ def records(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
+@pytest.mark.serial
 @pytest.mark.parametrize("case", list(CASES))
 def test_ddp_parity_with_the_reference(case, records):
     for step in range(3):

@@ -4,6 +4,7 @@ import json
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -70,6 +71,7 @@ def _worker(rank, world, port, root, reference_ckpt):
     dist.destroy_process_group()
 
 
+@pytest.mark.serial
 def test_two_process_training_equals_single_process(tmp_path):
     """float64 throughout, so that only a logic difference (batch split, SyncBN, loss
     normalisation, gradient averaging) can exceed the tolerance; in float32 batch-norm

@@ -101,6 +101,7 @@ def final_state(run_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_torchrun_restart_after_a_killed_worker_matches_an_uninterrupted_run(tmp_path):
     code, out = torchrun(tmp_path, "straight")
     assert code == 0, out

@@ -96,6 +96,7 @@ def _worker(rank, world, port, root):
     dist.destroy_process_group()
 
 
+@pytest.mark.serial
 def test_two_process_accumulation_equals_single_process_accumulation(tmp_path):
     """Global batch 4 in 2 micro-batches: one process takes images (a, b) then (c, d); two
     processes take a | b then c | d. SyncBN sees the same micro-batches, DDP all-reduces only

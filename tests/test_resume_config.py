@@ -125,6 +125,7 @@ def test_allow_list():
         assert not is_safe(key)
 
 
+@pytest.mark.serial
 def test_cli_resume_with_another_batch_is_refused_fast(run, tmp_path):
     make, run_dir = run
     config = tmp_path / "cfg.yaml"
