@@ -21,6 +21,7 @@ from contrastseg.config import ModelConfig, load_config
 from contrastseg.convert import convert_state
 from contrastseg.data.cityscapes import train_to_label_ids
 from contrastseg.models import build_model
+from selection import check_argmax
 from test_convert import released_shapes
 from test_released_files import save_like_the_released_trainer
 
@@ -66,16 +67,27 @@ def their_network(state: dict[str, torch.Tensor]):
     return model.eval()
 
 
-def their_tester(model, rgb: np.ndarray) -> np.ndarray:
+def their_scores(model, rgb: np.ndarray) -> np.ndarray:
     """ss_test of their tester on one image: BGR, their normalisation, the network's logits
-    upsampled to the image with aligned corners, argmax."""
+    upsampled to the image with aligned corners: ``(19, H, W)`` float64 scores."""
     bgr = torch.from_numpy(rgb[:, :, ::-1].copy()).permute(2, 0, 1).double() / 255
     mean = torch.tensor(THEIR_MEAN, dtype=torch.float64)[:, None, None]
     std = torch.tensor(THEIR_STD, dtype=torch.float64)[:, None, None]
     with torch.no_grad():
         logits = model.double()(((bgr - mean) / std)[None])["seg"]
         up = F.interpolate(logits, size=rgb.shape[:2], mode="bilinear", align_corners=True)
-    return up[0].argmax(0).numpy().astype(np.uint8)
+    return up[0].numpy()
+
+
+# The commands compute in float32 what the tester computes in float64: where two classes'
+# scores tie within this fraction of the largest score, either class is the tester's.
+TIE = 1e-5
+
+
+def near_ties(scores: np.ndarray) -> np.ndarray:
+    """Pixels whose best two classes are within ``TIE`` of the largest score: ``(H, W)``."""
+    top2 = np.sort(scores, axis=0)[-2:]
+    return (top2[1] - top2[0]) <= TIE * np.abs(scores).max()
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +104,8 @@ def released(tmp_path_factory):
     convert_file(src, converted)
     rgb = np.random.default_rng(0).integers(0, 256, size=(*SIZE, 3), dtype=np.uint8)
     rgb = np.asarray(Image.fromarray(rgb).resize((SIZE[1] // 5, SIZE[0] // 5)).resize(SIZE[::-1]))
-    pred = their_tester(their_network(state), rgb)
+    scores = their_scores(their_network(state), rgb)
+    pred = scores.argmax(0).astype(np.uint8)
     data = root / "cityscapes"
     for sub, suffix, array in (
         ("leftImg8bit", "leftImg8bit", rgb),
@@ -101,7 +114,14 @@ def released(tmp_path_factory):
         folder = data / sub / "val" / "frankfurt"
         folder.mkdir(parents=True)
         Image.fromarray(array).save(folder / f"{NAME}_{suffix}.png")
-    return {"root": root, "checkpoint": converted, "data": data, "rgb": rgb, "pred": pred}
+    return {
+        "root": root,
+        "checkpoint": converted,
+        "data": data,
+        "rgb": rgb,
+        "pred": pred,
+        "scores": scores,
+    }
 
 
 def test_the_released_config_holds_the_authors_single_scale_test():
@@ -121,7 +141,10 @@ def test_eval_with_the_released_config_gives_the_authors_argmax(released, run_cl
         )  # fmt: skip
     assert code == 0
     metrics = json.loads(out.read_text())
-    assert metrics["pixel_acc"] == 1.0  # every pixel has the authors' class
+    # every pixel has the authors' class, but where two classes tie within float32 rounding
+    ties = near_ties(released["scores"]).mean()
+    assert ties < 0.01
+    assert metrics["pixel_acc"] >= 1.0 - ties
     # the released config's ImageNet mean/std in RGB order are the checkpoint's BGR ones
     # reversed: overridden, said in one line
     notes = [r.getMessage() for r in caplog.records if "normalising with" in r.getMessage()]
@@ -143,4 +166,5 @@ def test_predict_gives_the_same_classes_as_eval(released, run_cli, tmp_path):
     assert run_cli(*argv, "--out", str(tmp_path / "p"), "--strict") == 0
     labels = np.asarray(Image.open(tmp_path / "p" / "image_labels.png"))
     assert labels.shape == SIZE
-    assert (labels == released["pred"]).all()
+    scale = np.abs(released["scores"]).max()
+    check_argmax(labels, released["scores"], TIE * scale, "predict against the tester")

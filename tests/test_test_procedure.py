@@ -17,6 +17,7 @@ from torch import nn
 
 from contrastseg.config import EvalConfig
 from contrastseg.engine.inference_modes import infer_scores
+from selection import check_argmax
 
 CLASSES = 5
 
@@ -185,7 +186,9 @@ def test_the_authors_tester_step_by_step(case):
     assert got.shape == (CLASSES, H, W)
     scale = np.abs(ref).max()
     assert np.abs(got - ref).max() < 1e-4 * scale
-    assert (got.argmax(0) == ref.argmax(0)).all()
+    # the float32 procedure's class at each pixel is the float64 tester's, but where two classes
+    # tie within the rounding the scores agree to; either may win on another CPU kernel
+    check_argmax(got.argmax(0), ref, 2e-4 * scale, "the tester's argmax")
     # the procedure matters: contrastseg's own gives another argmax on this image
     own = infer_scores(model, torch.from_numpy(image).float()[None], EvalConfig())[0].numpy()
     assert (own.argmax(0) != ref.argmax(0)).mean() > 0.01
@@ -202,7 +205,7 @@ def test_the_defaults_are_contrastseg_s_own_procedure(cfg):
     ref = own_procedure(model.double(), image, cfg)
     got = infer_scores(model.float(), torch.from_numpy(image).float()[None], cfg)[0].numpy()
     assert np.abs(got - ref).max() < 1e-5
-    assert (got.argmax(0) == ref.argmax(0)).all()
+    check_argmax(got.argmax(0), ref, 2e-5, "the procedure's argmax")
 
 
 def test_the_slow_resizes_are_torch_s():
