@@ -6,11 +6,20 @@ import torch
 
 from contrastseg import cli
 from contrastseg.config import load_config
+from numerics import NUMERIC_FILES, NUMERIC_TESTS
 from tiny import TINY
 
 # Under pytest-xdist each worker takes one core: one thread each, so that workers do not
 # contend for the cores (tests that compare two runs make both in the same worker).
 THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        path = item.nodeid.split("::")[0].rsplit("/", 1)[-1]
+        test = f"{path}::{item.originalname}"
+        if path in NUMERIC_FILES or test in NUMERIC_TESTS:
+            item.add_marker(pytest.mark.numerics)
 
 
 @pytest.fixture(autouse=True)
