@@ -40,12 +40,12 @@ test: $(STAMP)
 	$(PYTEST) -m serial
 	$(MAKE) --no-print-directory test-kernels
 
+# One pytest-xdist worker per kernel (its ATEN_CPU_CAPABILITY set before PyTorch starts), and
+# every numerics-sensitive test sent to each worker (--dist each).
 test-kernels: $(STAMP)
-	@for kernel in $(KERNELS); do \
-	  echo "numerics-sensitive tests with ATEN_CPU_CAPABILITY=$$kernel"; \
-	  ATEN_CPU_CAPABILITY=$$kernel $(PYTEST) -n $(JOBS) --dist worksteal \
-	    -m "numerics and not serial" $$($(BIN)/python tests/numerics.py) || exit 1; \
-	done
+	@echo "numerics-sensitive tests under each CPU kernel: $(KERNELS)"
+	$(PYTEST) $(foreach k,$(KERNELS),--tx popen//env:ATEN_CPU_CAPABILITY=$(k)) --dist each \
+	  -m "numerics and not serial" $$($(BIN)/python tests/numerics.py)
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check src tests examples scripts

@@ -4,6 +4,7 @@ marks them ``numerics``; `make test` runs them under every CPU kernel the machin
 once. ``python tests/numerics.py`` prints the files that hold them (the Makefile's paths)."""
 
 NUMERIC_FILES = {
+    "test_cpu_kernel.py",
     "test_contrast_parity.py",
     "test_pixel_contrast.py",
     "test_contrast_module.py",
