@@ -21,6 +21,19 @@ def _row_candidates(mask_row: torch.Tensor) -> torch.Tensor:
     return torch.nonzero(mask_row, as_tuple=False).reshape(-1)
 
 
+def _checked_picks(
+    picked: torch.Tensor, cand: torch.Tensor, want: int, what: str
+) -> tuple[torch.Tensor, list[int]]:
+    """``want`` distinct candidates first, ``-1`` padding after: the picks and their list."""
+    valid = picked[picked >= 0]
+    assert valid.numel() == want, f"{what}: {valid.numel()} picked, {want} expected"
+    assert bool((picked[want:] == -1).all()), f"{what}: padding is not at the end"
+    chosen = valid.tolist()
+    assert len(set(chosen)) == want, f"{what}: a candidate is picked twice"
+    assert set(chosen) <= set(cand.tolist()), f"{what}: a pick is not a candidate"
+    return valid, chosen
+
+
 def check_top_k(
     picked: torch.Tensor,
     scores: torch.Tensor,
@@ -35,12 +48,7 @@ def check_top_k(
     top-``k`` drawn another way; it must hold the same set where the boundary is clear."""
     cand = _row_candidates(candidates)
     want = min(k, int(cand.numel()))
-    valid = picked[picked >= 0]
-    assert valid.numel() == want, f"{what}: {valid.numel()} picked, {want} expected"
-    assert bool((picked[want:] == -1).all()), f"{what}: padding is not at the end"
-    chosen = valid.tolist()
-    assert len(set(chosen)) == want, f"{what}: a candidate is picked twice"
-    assert set(chosen) <= set(cand.tolist()), f"{what}: a pick is not a candidate"
+    valid, chosen = _checked_picks(picked, cand, want, what)
     if want == 0:
         return
     ordered = scores[cand].double().sort(descending=True).values
@@ -86,12 +94,7 @@ def check_semi_hard(
     cand = _row_candidates(candidates)
     q = semi_hard_pool(int(cand.numel()), fraction)
     want = min(k, q)
-    valid = picked[picked >= 0]
-    assert valid.numel() == want, f"{what}: {valid.numel()} picked, {want} expected"
-    assert bool((picked[want:] == -1).all()), f"{what}: padding is not at the end"
-    chosen = valid.tolist()
-    assert len(set(chosen)) == want, f"{what}: a candidate is picked twice"
-    assert set(chosen) <= set(cand.tolist()), f"{what}: a pick is not a candidate"
+    valid, chosen = _checked_picks(picked, cand, want, what)
     if want == 0:
         return
     ordered = scores[cand].double().sort(descending=True).values

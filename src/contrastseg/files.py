@@ -1,12 +1,15 @@
-"""Writing files so that a reader never sees a torn one."""
+"""Writing files so that a reader never sees a torn one; reading JSON-lines records."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
+
+from contrastseg.errors import ContrastSegError
 
 T = TypeVar("T")
 
@@ -38,3 +41,19 @@ def _fsync(path, flags: int) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def json_lines(
+    path: Path, error: type[ContrastSegError] = ContrastSegError
+) -> Iterator[tuple[int, Any]]:
+    """``(line number, value)`` of each non-blank line of a JSON-lines file (UTF-8); a line that
+    is not JSON raises ``error`` naming the file and the line."""
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise error(
+                f"{path}, line {number}: not valid JSON ({err.msg}); repair or delete that line"
+            ) from None

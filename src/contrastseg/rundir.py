@@ -16,6 +16,7 @@ from pathlib import Path
 
 from contrastseg.config import ExperimentConfig, load_config
 from contrastseg.errors import ContrastSegError
+from contrastseg.files import json_lines
 
 __all__ = ["CHECKPOINTS", "RunRecord", "load_run", "load_runs", "median_s_per_iter", "read_eval"]
 
@@ -79,15 +80,7 @@ def median_s_per_iter(path: Path) -> float | None:
     if not path.is_file():
         return None
     times: list[float] = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ContrastSegError(
-                f"{path}, line {number}: not valid JSON ({err}); delete or repair that line"
-            ) from None
+    for number, record in json_lines(path):
         value = record.get("s_per_iter") if isinstance(record, dict) else None
         if value is None:
             continue

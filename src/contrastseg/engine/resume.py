@@ -23,6 +23,7 @@ from typing import Any
 
 from contrastseg.config import ExperimentConfig, load_config
 from contrastseg.errors import ConfigError
+from contrastseg.files import json_lines
 
 __all__ = [
     "CHANGES_FILE",
@@ -79,15 +80,7 @@ def _read_changes(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ConfigError(
-                f"{path}, line {number}: not valid JSON ({err.msg}); repair or delete that line"
-            ) from None
+    for number, record in json_lines(path, ConfigError):
         if not isinstance(record, dict) or not isinstance(record.get("changes"), dict):
             raise ConfigError(
                 f'{path}, line {number}: expected {{"iteration": N, "changes": {{...}}}}'
