@@ -12,4 +12,6 @@ def test_the_kernel_asked_for_is_the_kernel_in_use():
     if asked:  # set by `make test-kernels` (only kernels the CPU supports) or by the user
         assert in_use == asked.lower(), (asked, in_use)
     else:
-        assert in_use in {"default", "avx2", "avx512", "zvector", "sve256"}, in_use
+        assert in_use in {"default", "avx2", "avx512", "zvector", "sve128", "sve256", "sve512"}, (
+            in_use
+        )
