@@ -36,7 +36,7 @@ PYTEST := $(BIN)/python -m pytest -q -p no:cacheprovider
 KERNELS ?= $(shell $(BIN)/python scripts/cpu_kernels.py)
 
 test: $(STAMP)
-	$(PYTEST) -n $(JOBS) --dist loadgroup -m "not serial and not numerics"
+	$(PYTEST) -n $(JOBS) --dist worksteal -m "not serial and not numerics"
 	$(PYTEST) -m serial
 	$(MAKE) --no-print-directory test-kernels
 

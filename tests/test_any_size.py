@@ -146,9 +146,7 @@ def test_hrnet_fusion_is_unchanged_where_sizes_halve_exactly():
             plain(torch.randn(1, 3, 97, 131))
 
 
-@pytest.mark.parametrize(
-    "fmt", ["torchscript", pytest.param("onnx", marks=pytest.mark.xdist_group("onnx"))]
-)
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
 def test_exported_hrnet_runs_at_odd_sizes(tmp_path, fmt):
     """The export's own check runs a 97x131 input; the file then takes 375x500 too."""
     import numpy as np

@@ -23,9 +23,6 @@ from contrastseg.models.segmentor import InferenceModel
 from tiny import TINY
 
 SIZES = [(1, 3, 64, 64), (2, 3, 48, 80)]
-# The ONNX exports of the suite run on one pytest-xdist worker (make test's --dist loadgroup):
-# the exporter's first call in a process costs about as much as an export.
-pytestmark = pytest.mark.xdist_group("onnx")
 
 
 @pytest.fixture(scope="module")

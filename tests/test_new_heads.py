@@ -293,7 +293,6 @@ TRAIN = [
 ]
 
 
-@pytest.mark.xdist_group("onnx")  # one worker pays the ONNX exporter's start-up (make test)
 @pytest.mark.parametrize(("head", "backbone"), TRAIN, ids=[h for h, _ in TRAIN])
 def test_head_trains_with_and_without_contrast_and_exports(tmp_path, head, backbone):
     common = [
