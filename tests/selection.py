@@ -21,17 +21,39 @@ def _row_candidates(mask_row: torch.Tensor) -> torch.Tensor:
     return torch.nonzero(mask_row, as_tuple=False).reshape(-1)
 
 
-def _checked_picks(
-    picked: torch.Tensor, cand: torch.Tensor, want: int, what: str
-) -> tuple[torch.Tensor, list[int]]:
-    """``want`` distinct candidates first, ``-1`` padding after: the picks and their list."""
+def _check_pool(
+    picked: torch.Tensor,
+    scores: torch.Tensor,
+    cand: torch.Tensor,
+    want: int,
+    pool: int,
+    eps: float,
+    what: str,
+    expected: torch.Tensor | None,
+) -> tuple[list[int], float] | None:
+    """``want`` distinct candidates first, ``-1`` padding after, each within ``eps`` of the
+    ``pool``-th best score; equal to ``expected`` as a set where the pool's edge is clear.
+    Returns the picks and the edge's score (None when nothing is to be picked)."""
     valid = picked[picked >= 0]
     assert valid.numel() == want, f"{what}: {valid.numel()} picked, {want} expected"
     assert bool((picked[want:] == -1).all()), f"{what}: padding is not at the end"
     chosen = valid.tolist()
     assert len(set(chosen)) == want, f"{what}: a candidate is picked twice"
     assert set(chosen) <= set(cand.tolist()), f"{what}: a pick is not a candidate"
-    return valid, chosen
+    if want == 0:
+        return None
+    ordered = scores[cand].double().sort(descending=True).values
+    edge = float(ordered[pool - 1])
+    worst_picked = float(scores[valid].double().min())
+    assert worst_picked >= edge - eps, (
+        f"{what}: a pick scores {worst_picked:.3e}, outside the best {pool} ({edge:.3e}, "
+        f"eps {eps:.0e})"
+    )
+    clear = pool == cand.numel() or float(ordered[pool - 1] - ordered[pool]) > eps
+    if expected is not None and clear:
+        other = set(expected[expected >= 0].tolist())
+        assert other == set(chosen), f"{what}: the set of picks differs at a clear boundary"
+    return chosen, edge
 
 
 def check_top_k(
@@ -44,19 +66,15 @@ def check_top_k(
     expected: torch.Tensor | None = None,
 ) -> None:
     """One row: ``picked (k,)`` indices (``-1`` pads at the end) is a top-``k`` of ``scores
-    (M,)`` over the entries where ``candidates (M,)`` is true, within ``eps``. ``expected``: a
-    top-``k`` drawn another way; it must hold the same set where the boundary is clear."""
+    (M,)`` over the entries where ``candidates (M,)`` is true, within ``eps``: no unpicked
+    candidate beats the k-th best by more than ``eps``. ``expected``: a top-``k`` drawn another
+    way; it must hold the same set where the boundary is clear."""
     cand = _row_candidates(candidates)
     want = min(k, int(cand.numel()))
-    valid, chosen = _checked_picks(picked, cand, want, what)
-    if want == 0:
+    found = _check_pool(picked, scores, cand, want, want, eps, what, expected)
+    if found is None:
         return
-    ordered = scores[cand].double().sort(descending=True).values
-    kth = float(ordered[want - 1])
-    worst_picked = float(scores[valid].double().min())
-    assert worst_picked >= kth - eps, (
-        f"{what}: a pick scores {worst_picked:.3e}, the {want}-th best is {kth:.3e} (eps {eps:.0e})"
-    )
+    chosen, kth = found
     unpicked = sorted(set(cand.tolist()) - set(chosen))
     if unpicked:
         best_unpicked = float(scores[unpicked].double().max())
@@ -64,12 +82,6 @@ def check_top_k(
             f"{what}: an unpicked candidate scores {best_unpicked:.3e} above the {want}-th best "
             f"{kth:.3e} (eps {eps:.0e})"
         )
-        clear = float(ordered[want - 1] - ordered[want]) > eps
-    else:
-        clear = True
-    if expected is not None and clear:
-        other = set(expected[expected >= 0].tolist())
-        assert other == set(chosen), f"{what}: the top-{want} set differs at a clear boundary"
 
 
 def semi_hard_pool(n: int, fraction: float) -> int:
@@ -93,20 +105,7 @@ def check_semi_hard(
     unique, and so are the picks."""
     cand = _row_candidates(candidates)
     q = semi_hard_pool(int(cand.numel()), fraction)
-    want = min(k, q)
-    valid, chosen = _checked_picks(picked, cand, want, what)
-    if want == 0:
-        return
-    ordered = scores[cand].double().sort(descending=True).values
-    qth = float(ordered[q - 1])
-    worst_picked = float(scores[valid].double().min())
-    assert worst_picked >= qth - eps, (
-        f"{what}: a pick scores {worst_picked:.3e}, outside the best {q} ({qth:.3e}, eps {eps:.0e})"
-    )
-    clear = q == cand.numel() or float(ordered[q - 1] - ordered[q]) > eps
-    if expected is not None and clear:
-        other = set(expected[expected >= 0].tolist())
-        assert other == set(chosen), f"{what}: the picks differ at a clear pool boundary"
+    _check_pool(picked, scores, cand, min(k, q), q, eps, what, expected)
 
 
 def check_bank_selection(

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from contrastseg.errors import ContrastSegError, TrainingInterrupted
+from contrastseg.errors import ContrastSegError, TrainingInterrupted, one_line
 
 app = typer.Typer(
     add_completion=False,
@@ -590,13 +590,9 @@ def _is_click_error(err: BaseException) -> bool:
     return "ClickException" in names and callable(getattr(err, "format_message", None))
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
 def _usage_error_lines(err: BaseException) -> list[str]:
     """``error: ...`` first, then the usage line and the ``--help`` hint when known."""
-    message = _one_line(err.format_message())
+    message = one_line(err.format_message())
     cause = err.__cause__
     errors = getattr(cause, "errors", None)  # typer's pydantic coercion drops the value itself
     if callable(errors):
@@ -610,7 +606,7 @@ def _usage_error_lines(err: BaseException) -> list[str]:
     ctx = getattr(err, "ctx", None)
     if ctx is not None:
         try:
-            lines.append(_one_line(ctx.get_usage()))
+            lines.append(one_line(ctx.get_usage()))
             lines.append(f"Try '{ctx.command_path} {ctx.help_option_names[0]}' for help.")
         except Exception:  # the error line alone is enough
             pass
@@ -626,7 +622,7 @@ def _internal_error(err: BaseException) -> None:
     import traceback
 
     text = "".join(traceback.format_exception(err))
-    first = _one_line(str(err).splitlines()[0]) if str(err).strip() else ""
+    first = one_line(str(err).splitlines()[0]) if str(err).strip() else ""
     name = f"{type(err).__name__}: {first}" if first else type(err).__name__
     if os.environ.get("CONTRASTSEG_TRACEBACK", "") not in ("", "0"):
         sys.stderr.write(text)

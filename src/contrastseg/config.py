@@ -504,6 +504,18 @@ class ExperimentConfig(_Section):
         return self.model_dump(mode="json")
 
 
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A config tree by dotted key: ``{"train": {"iters": 5}}`` -> ``{"train.iters": 5}``
+    (lists stay values)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if path.is_dir():
         inside = [p for p in sorted(path.glob("*.yaml")) if not p.name.startswith("_")]

@@ -1,6 +1,11 @@
 """Exceptions raised by contrastseg. Each message names the file, field or value, and the fix."""
 
 
+def one_line(text: object) -> str:
+    """``text`` with every run of whitespace (newlines too) made one space: a message line."""
+    return " ".join(str(text).split())
+
+
 class ContrastSegError(Exception):
     """Base class of every error contrastseg raises on purpose."""
 

@@ -20,7 +20,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
-from contrastseg.config import ExperimentConfig
+from contrastseg.config import ExperimentConfig, flatten
 from contrastseg.datasets_table import DATA_SETS
 from contrastseg.errors import ContrastSegError
 from contrastseg.model_table import BACKBONES, HEADS
@@ -148,15 +148,9 @@ def _group_key(run: RunRecord) -> tuple:
 
 
 # ------------------------------------------------------------------ config differences
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+def _flatten(tree: dict[str, Any]) -> dict[str, str]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": "1"}``, the values as the config file writes them."""
-    out: dict[str, str] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = _show(value)
-    return out
+    return {key: _show(value) for key, value in flatten(tree).items()}
 
 
 def _show(value: Any) -> str:

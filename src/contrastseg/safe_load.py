@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from contrastseg.errors import CheckpointError
+from contrastseg.errors import CheckpointError, one_line
 
 # dtype classes of plain numbers (numpy.dtypes, NumPy >= 1.25); object, void and string dtypes
 # are left out.
@@ -102,7 +102,7 @@ def is_refusal(err: BaseException) -> bool:
 
 def first_line(err: BaseException) -> str:
     """The first sentence of an exception's message, or its type when it has none."""
-    text = " ".join(str(err).split())
+    text = one_line(err)
     for stop in (". ", "\n"):
         text = text.split(stop)[0]
     return text.rstrip(".") or type(err).__name__

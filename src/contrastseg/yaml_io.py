@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from contrastseg.errors import ConfigError
+from contrastseg.errors import ConfigError, one_line
 
 __all__ = ["MAX_BYTES", "MAX_DEPTH", "MAX_NODES", "load_yaml_text", "read_yaml_file"]
 
@@ -126,10 +126,6 @@ def _where(mark: yaml.Mark | None) -> str:
     return f"line {mark.line + 1}, column {mark.column + 1}: "
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
 def load_yaml_text(text: str, source: str) -> Any:
     """Parse ``text`` (already decoded) with the limits above; errors name ``source``."""
     try:
@@ -138,12 +134,12 @@ def load_yaml_text(text: str, source: str) -> Any:
         raise ConfigError(f"{source}: {_where(err.mark)}{err}") from None
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
-        what = _one_line(" ".join(p for p in (err.context, err.problem) if p))
+        what = one_line(" ".join(p for p in (err.context, err.problem) if p))
         raise ConfigError(f"{source}: {_where(mark)}not valid YAML: {what}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{source}: not valid YAML: {_one_line(err)}") from None
+        raise ConfigError(f"{source}: not valid YAML: {one_line(err)}") from None
     except (ValueError, OverflowError) as err:  # e.g. an integer of more than 4300 digits
-        raise ConfigError(f"{source}: a value YAML cannot convert: {_one_line(err)}") from None
+        raise ConfigError(f"{source}: a value YAML cannot convert: {one_line(err)}") from None
     except RecursionError:  # not expected within MAX_DEPTH; kept as one line all the same
         raise ConfigError(f"{source}: nested too deeply to read") from None
 

@@ -23,7 +23,7 @@ from contrastseg.engine.checkpoint import load_checkpoint
 from contrastseg.engine.evaluator import evaluate, format_table, write_eval_json
 from contrastseg.engine.inference_modes import infer_scores
 from contrastseg.engine.runtime import resolve_device
-from contrastseg.errors import CheckpointError, DataError
+from contrastseg.errors import CheckpointError, DataError, one_line
 from contrastseg.files import atomic_write
 from contrastseg.models import Segmentor, build_model
 
@@ -221,7 +221,7 @@ class PredictResult(list):
 
 
 def _one_line(err: Exception, path: Path) -> str:
-    text = " ".join(str(err).split())
+    text = one_line(err)
     return text.removeprefix(f"{path}: ") or type(err).__name__
 
 

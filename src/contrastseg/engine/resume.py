@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from contrastseg.config import ExperimentConfig, load_config
+from contrastseg.config import ExperimentConfig, flatten, load_config
 from contrastseg.errors import ConfigError
 from contrastseg.files import json_lines
 
@@ -31,7 +31,6 @@ __all__ = [
     "check_resume_config",
     "check_run_folder",
     "effective_config",
-    "flatten",
     "record_changes",
 ]
 
@@ -62,18 +61,6 @@ SAFE_TO_CHANGE: tuple[str, ...] = (
 def is_safe(key: str) -> bool:
     """Whether ``key`` (dotted) may change when a run resumes."""
     return any(key == s or (s.endswith(".") and key.startswith(s)) for s in SAFE_TO_CHANGE)
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"train": {"iters": 5}}`` -> ``{"train.iters": 5}`` (lists stay values)."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
 
 
 def _read_changes(path: Path) -> list[dict]:

@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
-from contrastseg.config import ExperimentConfig, OptimConfig, save_config
+from contrastseg.config import ExperimentConfig, OptimConfig, flatten, save_config
 from contrastseg.config_checks import crop_warning
 from contrastseg.contrast import PixelContrast
 from contrastseg.data import build_eval_dataset, build_train_dataset
@@ -283,7 +283,7 @@ class Trainer:
         path, state = found
         if self.recorded_config is None:  # no config.yaml: the checkpoint's config is the record
             self.config_changes = resume_config.check_resume_config(
-                self.cfg, resume_config.flatten(state["config"]), f"{path} (its config)"
+                self.cfg, flatten(state["config"]), f"{path} (its config)"
             )
             self.checkpoint_config = ExperimentConfig.model_validate(state["config"])
         if state["iteration"] > self.cfg.train.iters:
