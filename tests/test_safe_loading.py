@@ -1,13 +1,19 @@
 """Safe loading: every file is read with weights_only=True. A `.pt` whose pickle would run code
-is refused before anything of it runs (API and command line), `--trust-checkpoint` loads a
-user's own file that names an importable class, and our own checkpoints, exported models and
-backbone weight files still load."""
+is refused before anything of it runs, by every command that reads one (there is no option that
+allows more: the old `--trust-checkpoint` is a usage error); a user's file holding plain data
+classes (argparse.Namespace, NumPy arrays) is refused with the way on, `checkpoint upgrade`,
+which rewrites it with plain types; our own checkpoints, exported models and backbone weight
+files still load."""
 
 import argparse
 import ast
+import builtins
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,24 +29,32 @@ from contrastseg.models.backbones import load_backbone_weights
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
-class RunsShell:
-    """Unpickling it calls os.system: the classic payload."""
+class Payload:
+    """Unpickling it calls ``function(*args)``, which creates the marker file."""
 
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
-class RunsPython:
-    """Unpickling it calls exec on code that creates the marker file."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
+    def __init__(self, function, *args) -> None:
+        self.function, self.args = function, args
 
     def __reduce__(self):
-        return (exec, (f"open({str(self.marker)!r}, 'w').close()",))
+        return (self.function, self.args)
+
+
+def payloads(marker: Path) -> dict[str, Payload]:
+    """The classic ways a pickle runs code, each creating ``marker``; name -> payload."""
+    touch = f"touch {marker}"
+    python = f"open({str(marker)!r}, 'w').close()"
+    return {
+        "posix.system": Payload(os.system, touch),
+        "builtins.exec": Payload(exec, python),
+        "builtins.eval": Payload(eval, python),
+        "subprocess.getoutput": Payload(subprocess.getoutput, touch),
+        "builtins.__import__": Payload(builtins.__import__, "antigravity"),
+    }
+
+
+# what each of the first payloads names in the refusal
+RunsShell = "posix.system"
+RunsPython = "builtins.exec"
 
 
 def evil_checkpoint(path: Path, payload) -> Path:
@@ -55,73 +69,141 @@ def own_checkpoint(tiny_cfg):
     return cfg, Trainer(cfg, progress=False).save_checkpoint()
 
 
-@pytest.mark.parametrize("payload", [RunsShell, RunsPython])
-def test_code_in_a_checkpoint_is_refused_and_never_runs(tmp_path, payload):
+@pytest.mark.parametrize("name", [RunsShell, RunsPython, "subprocess.getoutput", "builtins.eval"])
+def test_code_in_a_checkpoint_is_refused_and_never_runs(tmp_path, name):
     marker = tmp_path / "marker"
-    path = evil_checkpoint(tmp_path / "evil.pt", payload(marker))
+    path = evil_checkpoint(tmp_path / "evil.pt", payloads(marker)[name])
     for load in (
         ckpt.load_checkpoint,
-        lambda p: ckpt.load_checkpoint(p, trust=False),
         load_trained_model,
         lambda p: ckpt.upgrade_file(p, tmp_path / "new.pt"),
     ):
         with pytest.raises(ckpt.UnsafeCheckpointError) as info:
             load(path)
         msg = str(info.value)
-        assert str(path) in msg and "arbitrary unpickling" in msg and "--trust-checkpoint" in msg
-        assert ("posix.system" if payload is RunsShell else "builtins.exec") in msg
+        # protocol 2 spells some names the Python 2 way (subprocess -> commands)
+        called = name.split(".")[-1]
+        assert str(path) in msg and "arbitrary unpickling" in msg and called in msg, msg
+        assert "no contrastseg command does that" in msg and "--trust" not in msg
         assert not marker.exists()
     assert not (tmp_path / "new.pt").exists()
 
 
-def test_trust_does_not_let_os_system_through(tmp_path):
-    """torch refuses the os module even when the user allows what the file names."""
-    marker = tmp_path / "marker"
-    path = evil_checkpoint(tmp_path / "evil.pt", RunsShell(marker))
-    with pytest.raises(ckpt.UnsafeCheckpointError, match="refused even with --trust-checkpoint"):
-        ckpt.load_checkpoint(path, trust=True)
-    assert not marker.exists()
-
-
-def test_cli_refuses_the_file_and_names_the_option(tmp_path, tiny_cfg, run_cli, capsys):
-    marker = tmp_path / "marker"
-    path = evil_checkpoint(tmp_path / "evil.pt", RunsShell(marker))
+def _evil_everywhere(tmp_path: Path, cfg, payload) -> list[tuple[str, ...]]:
+    """Every command that reads a pickled file, each given ``payload`` where it reads one:
+    a checkpoint, both checkpoints of a figure, a released file, the newest checkpoint of a
+    run to resume, a backbone weight file."""
+    path = evil_checkpoint(tmp_path / "evil.pt", payload)
     config = tmp_path / "tiny.yaml"
-    save_config(tiny_cfg(), config)
+    save_config(cfg, config)
     images = tmp_path / "imgs"
-    images.mkdir()
-    commands = [
-        ("eval", str(config), "--checkpoint", str(path)),
-        ("predict", str(images), "--checkpoint", str(path)),
-        ("export", str(path), "--format", "torchscript"),
-        ("checkpoint", "upgrade", str(path), str(tmp_path / "new.pt")),
-    ]
+    images.mkdir(exist_ok=True)
+    from PIL import Image
+
+    Image.new("RGB", (40, 32), (200, 30, 60)).save(images / "a.png")
+    run = tmp_path / "resumed"
+    (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+    shutil.copy(path, run / "checkpoints" / "iter_0000003.pt")
+    backbone = tmp_path / "backbone.pth"
+    torch.save({"conv_stem.weight": payload}, backbone)
+    out = tmp_path / "out"
+    return [
+        ("eval", str(config), "--checkpoint", str(path), "--out", str(out / "e.json")),
+        ("predict", str(images), "--checkpoint", str(path), "--out", str(out)),
+        ("export", str(path), "--format", "torchscript", "--out", str(out / "m.pt")),
+        ("checkpoint", "upgrade", str(path), str(out / "new.pt")),
+        ("convert", str(path), str(out / "c.pt")),
+        ("figures", "compare", "--baseline", str(path), "--ours", str(path), "--out", str(out)),
+        ("figures", "embeddings", str(path), "--out", str(out / "t.png")),
+        ("train", str(config), "--resume", "--set", f"output.root={tmp_path}",
+         "--set", "output.name=resumed"),
+        ("train", str(config), "--set", f"model.backbone.weights={backbone}",
+         "--set", f"output.root={tmp_path}", "--set", "output.name=fresh"),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(payloads(Path("m"))))
+def test_every_command_refuses_code_in_a_file(tmp_path, tiny_cfg, run_cli, capsys, name):
+    marker = tmp_path / "marker"
+    commands = _evil_everywhere(tmp_path, tiny_cfg("train.iters=3"), payloads(marker)[name])
     for argv in commands:
         assert run_cli(*argv) == 2, argv
         err = capsys.readouterr().err
-        assert f"error: {path}: refused" in err and "--trust-checkpoint" in err, argv
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "Traceback" not in err, (argv, err)
+        assert ".pt" in errors[0] or ".pth" in errors[0], (argv, errors)
         assert not marker.exists(), argv
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-def test_a_users_file_loads_only_with_trust(own_checkpoint, tmp_path, run_cli, capsys):
-    """A checkpoint of ours to which a user added an argparse.Namespace (as many training
-    scripts do): refused by default, loaded with --trust-checkpoint."""
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("eval", "c.yaml", "--checkpoint", "evil.pt", "--trust-checkpoint"),
+        ("predict", "imgs", "--checkpoint", "evil.pt", "--trust-checkpoint"),
+        ("export", "evil.pt", "--trust-checkpoint"),
+        ("checkpoint", "upgrade", "evil.pt", "new.pt", "--trust-checkpoint"),
+    ],
+)
+def test_the_trust_option_is_gone(tmp_path, monkeypatch, run_cli, capsys, argv):
+    """No flag loads what a file names: the old option is a usage error, and the payload
+    behind it never runs."""
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "marker"
+    evil_checkpoint(tmp_path / "evil.pt", payloads(marker)[RunsShell])
+    assert run_cli(*argv) == 2
+    err = capsys.readouterr().err
+    assert "--trust-checkpoint" in err and "No such option" in err, err
+    assert not marker.exists()
+
+
+def test_a_users_data_classes_are_refused_and_upgrade_rewrites_them(
+    own_checkpoint, tmp_path, run_cli, capsys
+):
+    """A checkpoint of ours to which a script added an argparse.Namespace, a NumPy array and a
+    NumPy integer: every command refuses it, naming `checkpoint upgrade`, which writes a copy
+    of plain types (a dict, a tensor, an int) that loads and evaluates."""
     cfg, path = own_checkpoint
     state = ckpt.load_checkpoint(path)
-    state["args"] = argparse.Namespace(lr=0.1)
+    del state["digest"]  # an edited file keeps no digest of the contents it no longer has
+    state["args"] = argparse.Namespace(lr=0.1, steps=np.int64(7))
+    state["history"] = np.array([0.5, 0.25])
     mine = tmp_path / "mine.pt"
     torch.save(state, mine)
-    with pytest.raises(ckpt.UnsafeCheckpointError, match=r"argparse\.Namespace"):
+    with pytest.raises(ckpt.UnsafeCheckpointError, match=r"argparse\.Namespace") as info:
         ckpt.load_checkpoint(mine)
-    assert ckpt.load_checkpoint(mine, trust=True)["args"].lr == 0.1
+    assert f"contrastseg checkpoint upgrade {mine} NEW.pt" in str(info.value)
     config = tmp_path / "tiny.yaml"
     save_config(cfg, config)
     out = tmp_path / "eval.json"
     assert run_cli("eval", str(config), "--checkpoint", str(mine), "--out", str(out)) == 2
-    assert "argparse.Namespace" in capsys.readouterr().err and not out.exists()
-    args = ("eval", str(config), "--checkpoint", str(mine), "--out", str(out))
-    assert run_cli(*args, "--trust-checkpoint") == 0
+    assert "checkpoint upgrade" in capsys.readouterr().err and not out.exists()
+    new = tmp_path / "new.pt"
+    assert run_cli("checkpoint", "upgrade", str(mine), str(new)) == 0
+    plain = torch.load(new, map_location="cpu", weights_only=True)  # no allow-list at all
+    assert plain["args"] == {"lr": 0.1, "steps": 7} and type(plain["args"]["steps"]) is int
+    assert torch.equal(plain["history"], torch.tensor([0.5, 0.25], dtype=torch.float64))
+    assert plain["digest"].startswith("sha256:")
+    for key, value in state["model"].items():
+        assert torch.equal(plain["model"][key], value), key
+    assert run_cli("eval", str(config), "--checkpoint", str(new), "--out", str(out)) == 0
     assert out.is_file()
+
+
+def test_an_array_of_objects_is_refused_even_by_upgrade(own_checkpoint, tmp_path):
+    """NumPy arrays are allowed to `checkpoint upgrade` for their numbers only: an array of
+    objects needs its objects' classes, which stay refused (the payload never runs)."""
+    _, path = own_checkpoint
+    marker = tmp_path / "marker"
+    state = ckpt.load_checkpoint(path)
+    array = np.empty(1, dtype=object)
+    array[0] = payloads(marker)[RunsShell]
+    state["extra"] = array
+    mine = tmp_path / "mine.pt"
+    torch.save(state, mine)
+    with pytest.raises(ckpt.UnsafeCheckpointError, match="posix.system"):
+        ckpt.upgrade_file(mine, tmp_path / "new.pt")
+    assert not marker.exists() and not (tmp_path / "new.pt").exists()
 
 
 def test_own_checkpoints_are_plain_and_still_load(own_checkpoint, tmp_path):
@@ -167,7 +249,7 @@ def test_a_backbone_file_with_code_is_refused(tmp_path, own_checkpoint):
     cfg, _ = own_checkpoint
     marker = tmp_path / "marker"
     weights = tmp_path / "backbone.pth"
-    torch.save({"conv1.weight": RunsPython(marker)}, weights)
+    torch.save({"conv1.weight": payloads(marker)[RunsPython]}, weights)
     model = build_model(cfg.model, 7, backbone_weights=False)
     with pytest.raises(CheckpointError, match="backbone.pth: cannot read backbone weights"):
         load_backbone_weights(model.backbone, weights)

@@ -36,16 +36,6 @@ Overrides = Annotated[
     typer.Option("--set", "-s", help="Override a config value, e.g. --set train.iters=200."),
 ]
 
-
-Trust = Annotated[
-    bool,
-    typer.Option(
-        "--trust-checkpoint",
-        help="UNSAFE: also load a checkpoint that needs arbitrary unpickling (the classes it "
-        "names are imported and called). Only for files you made yourself.",
-    ),
-]
-
 Device = Annotated[str, typer.Option(help="cpu or cuda.")]
 Amp = Annotated[str, typer.Option(help="off, bf16 or fp16.")]
 Batch = Annotated[int, typer.Option(help="Batch size.")]
@@ -116,7 +106,6 @@ def evaluate(
     split: Annotated[str | None, typer.Option(help="Split name (default: data.val_split).")] = None,
     out: Annotated[Path | None, typer.Option(help="Where to write eval.json.")] = None,
     overrides: Overrides = None,
-    trust_checkpoint: Trust = False,
 ) -> None:
     """Evaluate a checkpoint (as the config's eval section says: whole image or sliding
     window, scales, flip); print the table, write eval.json (default: the checkpoint's run's,
@@ -138,7 +127,7 @@ def evaluate(
 
     out = eval_json_path(checkpoint, out)
     existed = out.exists()
-    metrics = evaluate_checkpoint(cfg, checkpoint, split=split, out=out, trust=trust_checkpoint)
+    metrics = evaluate_checkpoint(cfg, checkpoint, split=split, out=out)
     typer.echo(
         f"mIoU: {100 * metrics['mIoU']:.2f}%  ({'replaced' if existed else 'wrote'} {out}; "
         "--out writes elsewhere)"
@@ -166,7 +155,6 @@ def predict(
             "--skip-existing", help="Keep the outputs of images already done (rerun after a crash)."
         ),
     ] = False,
-    trust_checkpoint: Trust = False,
 ) -> None:
     """Colour-coded masks, overlays and label-id PNGs for images. Each file is written
     atomically; an unreadable image is skipped with a warning, and the run ends with a summary
@@ -177,8 +165,6 @@ def predict(
         got = "both" if checkpoint is not None else "neither"
         raise ConfigError(f"predict: give one of --checkpoint CKPT or --onnx MODEL.onnx, got {got}")
     if onnx is not None:
-        if trust_checkpoint:
-            raise ConfigError("predict: --trust-checkpoint applies to --checkpoint, not --onnx")
         from contrastseg.onnx_predict import predict_onnx
 
         result = predict_onnx(onnx, images, out, strict=strict, skip_existing=skip_existing)
@@ -191,7 +177,6 @@ def predict(
             out,
             strict=strict,
             skip_existing=skip_existing,
-            trust=trust_checkpoint,
         )
     typer.echo(result.summary())
     if not result.ok:
@@ -207,12 +192,11 @@ def export_model(
         typer.Option(help="Model file (default: next to CKPT, .onnx or .torchscript.pt)."),
     ] = None,
     opset: Annotated[int | None, typer.Option(help="ONNX opset, 18 or newer (default 18).")] = None,
-    trust_checkpoint: Trust = False,
 ) -> None:
     """Export the inference model (no auxiliary or projection head) and its JSON sidecar."""
     from contrastseg.export import export_checkpoint
 
-    result = export_checkpoint(checkpoint, out, format=format, opset=opset, trust=trust_checkpoint)
+    result = export_checkpoint(checkpoint, out, format=format, opset=opset)
     typer.echo(
         f"wrote {result.model} and {result.sidecar.name} "
         f"(max |logit - PyTorch| {result.max_abs_diff:.2g} on random inputs)"
@@ -221,16 +205,20 @@ def export_model(
 
 @checkpoint_app.command("upgrade")
 def checkpoint_upgrade(
-    old: Annotated[Path, typer.Argument(help="Checkpoint of an older format (kept as it is).")],
+    old: Annotated[Path, typer.Argument(help="Checkpoint to convert (kept as it is).")],
     new: Annotated[Path, typer.Argument(help="Where to write it in the current format (new).")],
-    trust_checkpoint: Trust = False,
 ) -> None:
-    """Convert a checkpoint of an older format to the current one, e.g. format 1 (projection
-    head in the model) to 2 (in the contrast module's state, only plain types)."""
+    """Rewrite a checkpoint in the current format: format 1 (projection head in the model) to
+    2 (in the contrast module's state); an argparse.Namespace or NumPy array a script added
+    becomes a dict or tensor; a file written before content digests gets one. Nothing the file
+    names beyond plain data classes is imported or run."""
     from contrastseg.engine.checkpoint import FORMAT_VERSION, upgrade_file
 
-    version = upgrade_file(old, new, trust=trust_checkpoint)
-    typer.echo(f"wrote {new}: format {version} -> {FORMAT_VERSION} ({old} unchanged)")
+    version = upgrade_file(old, new)
+    typer.echo(
+        f"wrote {new}: format {version} -> {FORMAT_VERSION}, with a content digest "
+        f"({old} unchanged)"
+    )
 
 
 @app.command("convert")

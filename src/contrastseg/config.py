@@ -635,6 +635,19 @@ def _format_errors(source: str, err: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def validate_config(tree: Any, source: str) -> ExperimentConfig:
+    """``tree`` (a YAML file's or a checkpoint's nested dict) as a typed config; ``ConfigError``
+    naming ``source``, each bad key, its value and the allowed values or form otherwise."""
+    if not isinstance(tree, dict):
+        raise ConfigError(
+            f"{source}: a config is a mapping of sections, not a {type(tree).__name__}"
+        )
+    try:
+        return ExperimentConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(source, err)) from None
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> ExperimentConfig:
@@ -664,10 +677,7 @@ def load_config(
     for item in overrides:
         _apply_override(tree, item)
     where = source + (" (with --set overrides)" if overrides else "")
-    try:
-        cfg = ExperimentConfig.model_validate(tree)
-    except ValidationError as err:
-        raise ConfigError(_format_errors(where, err)) from None
+    cfg = validate_config(tree, where)
     # the run folder and the memory a run cannot do without, against this machine
     check_loaded_config(cfg, where)
     return cfg

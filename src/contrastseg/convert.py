@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from contrastseg.digest import sealed
 from contrastseg.errors import CheckpointError
 from contrastseg.files import atomic_write
 from contrastseg.safe_load import first_line, load_weights_only
@@ -542,6 +543,7 @@ def convert_file(src: Path, out: Path) -> Conversion:
                 "dropped_keys": len(conversion.dropped),
             },
         )
+        payload = sealed(payload)  # the content digest every checkpoint carries
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def save(tmp: Path) -> None:

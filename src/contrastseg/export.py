@@ -90,7 +90,6 @@ def export_checkpoint(
     opset: int | None = None,
     verify: bool = True,
     tolerance: float = 1e-3,
-    trust: bool = False,
 ) -> ExportResult:
     """Export the inference model of ``checkpoint`` to ``out`` (default: next to the checkpoint)
     and write the sidecar ``<out>.json``.
@@ -100,8 +99,8 @@ def export_checkpoint(
     the written file is loaded back (onnxruntime on the CPU, or ``torch.jit.load``) and run on
     random inputs of VERIFY_SHAPES; a max abs logit difference to PyTorch above ``tolerance``
     raises ``ContrastSegError`` and nothing is written. Both files are written atomically.
-    The checkpoint is read safely; ``trust`` allows what a file of the user's own names (see
-    :func:`contrastseg.engine.checkpoint.read_file`).
+    The checkpoint is read safely and checked (digest, parts, finite weights; see
+    :func:`contrastseg.engine.inference.load_trained_model`).
     """
     from contrastseg.engine.inference import load_trained_model
     from contrastseg.models.segmentor import InferenceModel
@@ -114,7 +113,7 @@ def export_checkpoint(
         raise ConfigError(f"--out {out}: that is the checkpoint itself; choose another path")
     if out.is_dir():
         raise ConfigError(f"--out {out}: is a folder; give a file name")
-    segmentor, cfg, state = load_trained_model(checkpoint, "cpu", trust=trust)
+    segmentor, cfg, state = load_trained_model(checkpoint, "cpu")
     net = InferenceModel(segmentor).eval()
 
     def write_and_verify(tmp: Path) -> float | None:

@@ -11,13 +11,17 @@ imports a module or calls code named by the file. NumPy arrays, and every other 
 function, stay refused.
 
 A missing path, a folder, an empty file and a truncated or corrupt one raise ``CheckpointError``
-with one line that names the file; a file that needs more than the allow-list fails with
-torch's own ``pickle.UnpicklingError`` (callers word that refusal themselves).
+with one line that names the file. torch writes each record of its zip format with a CRC-32 but
+does not check it on load; :func:`check_zip` does, so a flipped byte anywhere in a tensor or in
+the pickle is refused as damage rather than used. A file that needs more than the allow-list
+fails with torch's own ``pickle.UnpicklingError`` (callers word that refusal themselves).
 """
 
 from __future__ import annotations
 
 import pickle
+import stat
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +92,10 @@ def check_readable(path: Path, what: str = "checkpoint") -> Path:
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{path}: is a folder, not a {what} file; give the file inside it")
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"{path}: {what} not found")
+    if not stat.S_ISREG(path.stat().st_mode):  # a FIFO or a device would block or never end
+        raise CheckpointError(f"{path}: not a regular file (a pipe or device?); give a {what} file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: the file is empty (0 bytes), not a {what}")
     return path
@@ -108,10 +114,41 @@ def first_line(err: BaseException) -> str:
     return text.rstrip(".") or type(err).__name__
 
 
+def check_zip(path: Path, what: str = "checkpoint") -> None:
+    """Refuse a zip-format torch file (``torch.save``'s format since PyTorch 1.6) whose records
+    fail their CRC-32, are compressed (torch stores them as they are) or cannot be listed, with
+    ``CheckpointError`` naming the file and the record. Files in torch's older, non-zip format
+    have no checksums and pass unchecked."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.compress_type != zipfile.ZIP_STORED:
+                    raise CheckpointError(
+                        f"{path}: record {info.filename!r} is compressed; torch writes "
+                        f"uncompressed records, so this is not a {what} torch wrote (or it was "
+                        "re-zipped): save it again with torch.save"
+                    )
+            bad = archive.testzip()
+    except CheckpointError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a damaged archive fails in many ways
+        raise CheckpointError(
+            f"{path}: damaged {what} (its zip structure cannot be read: {first_line(err)})"
+        ) from None
+    if bad is not None:
+        raise CheckpointError(
+            f"{path}: damaged {what}: record {bad!r} fails its CRC-32 check (the file changed "
+            "after it was written); use another copy"
+        )
+
+
 def load_weights_only(path: Path, extra: list[Any] | None = None, what: str = "checkpoint") -> Any:
     """``torch.load(path, map_location="cpu", weights_only=True)`` with :func:`numpy_globals`
     (and ``extra``) allowed. See the module docstring for the errors."""
     path = check_readable(path, what)
+    check_zip(path, what)
     try:
         with torch.serialization.safe_globals([*numpy_globals(), *(extra or [])]):
             return torch.load(path, map_location="cpu", weights_only=True)

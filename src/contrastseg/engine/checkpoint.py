@@ -21,7 +21,7 @@ loading an older format without converting it is refused with that command in th
 
 from __future__ import annotations
 
-import importlib
+import argparse
 import logging
 import os
 import re
@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from contrastseg.digest import DIGEST_KEY, digest_problem, sealed
 from contrastseg.errors import CheckpointError
 from contrastseg.files import atomic_write
 from contrastseg.safe_load import (
@@ -48,7 +49,6 @@ LOSS_PROJECTION = "contrast.projection."  # format 2: the same weights in state[
 # Format-1 checkpoints name this class (a ``str`` subclass whose construction runs no code of
 # the file); allowing it lets them be read safely for their conversion.
 _FORMAT1_GLOBALS = [torch.torch_version.TorchVersion]
-TRUST_OPTION = "--trust-checkpoint"
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,13 @@ def plain(obj: Any, where: str = "checkpoint") -> Any:
     for base in (bool, int, float, str):
         if isinstance(obj, base):
             return base(obj)
+    if isinstance(obj, argparse.Namespace):  # what ``checkpoint upgrade`` rewrites
+        return plain(dict(vars(obj)), where)
+    if type(obj).__module__ == "numpy" and hasattr(obj, "dtype"):
+        if getattr(obj, "ndim", None) == 0 or not hasattr(obj, "shape"):
+            return plain(obj.item(), where)  # a NumPy scalar
+        if obj.dtype.kind in "biufc":
+            return torch.from_numpy(obj.copy())
     if isinstance(obj, dict) and type(obj) in (dict, OrderedDict):
         out = type(obj)()
         changed = False
@@ -115,9 +122,12 @@ def plain(obj: Any, where: str = "checkpoint") -> Any:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """Save ``obj`` (made :func:`plain`) with torch.save so that ``path`` is either the old file
-    or the new one whole."""
+    """Save ``obj`` (made :func:`plain`; a checkpoint, i.e. a dict with ``format_version``,
+    gets its content digest, :func:`contrastseg.digest.sealed`) with torch.save so that
+    ``path`` is either the old file or the new one whole."""
     obj = plain(obj)
+    if isinstance(obj, dict) and "format_version" in obj:
+        obj = sealed(obj)
 
     def save(tmp: Path) -> None:
         with open(tmp, "wb") as f:
@@ -127,79 +137,74 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 
 # --- reading -----------------------------------------------------------------------------------
-def _resolve(name: str) -> Any:
-    """``"package.module.Class"`` -> the object, importing the longest module prefix."""
-    parts = name.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        try:
-            obj = importlib.import_module(".".join(parts[:cut]))
-        except ImportError:
-            continue
-        try:
-            for attr in parts[cut:]:
-                obj = getattr(obj, attr)
-        except AttributeError:
-            continue
-        return obj
-    raise LookupError(name)
+def _data_globals() -> list[Any]:
+    """Plain data classes that ``checkpoint upgrade`` (and only it) lets the unpickler build, to
+    rewrite them as plain types: ``argparse.Namespace`` (attributes set, nothing called) and
+    NumPy arrays of numbers (their elements are plain values; an array of objects still needs
+    each object's class, which stays refused)."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # NumPy 1.x
+        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
+    names = ("numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct")
+    return [argparse.Namespace, np.ndarray, *((_reconstruct, n) for n in names)]
+
+
+def _names(entries: list[Any]) -> set[str]:
+    return {e[1] if isinstance(e, tuple) else f"{e.__module__}.{e.__qualname__}" for e in entries}
 
 
 def _unsafe_globals(path: Path) -> list[str]:
     """The classes and functions a file's pickle names beyond weights_only's own set and the
-    NumPy allow-list (read without unpickling); empty when the file cannot be parsed."""
+    NumPy scalar allow-list (read without unpickling); empty when the file cannot be parsed."""
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception:  # noqa: BLE001 - a file too broken to list is reported as corrupt
         return []
-    allowed = allowed_names()
+    allowed = allowed_names() | _names(_FORMAT1_GLOBALS)
     return [name for name in names if name not in allowed]
 
 
-def read_file(path: Path, trust: bool = False) -> Any:
-    """``torch.load(path, weights_only=True)`` on the CPU, with format 1's harmless version
-    class allowed. With ``trust`` the classes and functions the file names are allowed too (the
-    user vouches for the file; torch still refuses ``os``, ``sys`` and the like).
+def read_file(path: Path, data_classes: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU after checking the zip records'
+    CRC-32s, with format 1's version class allowed; with ``data_classes`` (``checkpoint
+    upgrade`` only) also the plain data classes of :func:`_data_globals`. Nothing a file names
+    beyond these is ever imported or called: there is no option that allows more.
 
-    Raises ``UnsafeCheckpointError`` when the file needs more than that, naming what it would
-    import and the ``--trust-checkpoint`` option, and ``CheckpointError`` when it is missing,
-    truncated or corrupt. Nothing of the file is executed before either error.
+    Raises ``UnsafeCheckpointError`` when the file needs more, naming what it would import and
+    the way on (``checkpoint upgrade`` for plain data classes), and ``CheckpointError`` when it
+    is missing, truncated or damaged. Nothing of the file is executed before either error.
     """
     path = check_readable(Path(path))
-    allowed: list = list(_FORMAT1_GLOBALS)
-    if trust:
-        for name in _unsafe_globals(path):
-            try:
-                allowed.append((_resolve(name), name))
-            except LookupError:
-                raise CheckpointError(
-                    f"{path}: it names {name}, which cannot be imported here, so even "
-                    f"{TRUST_OPTION} cannot load it; load it where it was written and save "
-                    "its tensors, numbers, strings, lists and dicts with torch.save"
-                ) from None
+    allowed: list = list(_FORMAT1_GLOBALS) + (_data_globals() if data_classes else [])
     try:
         return load_weights_only(path, allowed)
     except CheckpointError:
         raise
     except Exception as err:  # noqa: BLE001 - a broken file can fail in many ways
-        text = str(err)
         names = _unsafe_globals(path)
-        if names or is_refusal(err):
-            reason = _weights_only_reason(text)
-            what = f"it would import and call {names}" if names else reason
-            if trust:
-                raise UnsafeCheckpointError(
-                    f"{path}: refused even with {TRUST_OPTION}: {reason}. Load it where it was "
-                    "written and save its tensors, numbers, strings, lists and dicts"
-                ) from None
+        if not (names or is_refusal(err)):
+            raise CheckpointError(
+                f"{path}: cannot read checkpoint (truncated or corrupt?): {first_line(err)}"
+            ) from err
+        data = _names(_data_globals())
+        code = [n for n in names if n not in data]
+        if names and not code and not data_classes:
             raise UnsafeCheckpointError(
-                f"{path}: refused: loading it needs arbitrary unpickling ({what}), which can "
-                "run any code the file holds. contrastseg's own checkpoints never need it. If "
-                f"you made this file yourself and trust it, pass {TRUST_OPTION} (unsafe: it "
-                "allows what the file names)"
+                f"{path}: refused: it holds {sorted(set(names))}, which only arbitrary "
+                "unpickling rebuilds here; `contrastseg checkpoint upgrade "
+                f"{path} NEW.pt` rewrites it with plain types (a Namespace becomes a dict, a "
+                "NumPy array a tensor) without running anything of the file"
             ) from None
-        raise CheckpointError(
-            f"{path}: cannot read checkpoint (truncated or corrupt?): {first_line(err)}"
-        ) from err
+        what = f"it would import and call {code}" if code else _weights_only_reason(str(err))
+        raise UnsafeCheckpointError(
+            f"{path}: refused: loading it needs arbitrary unpickling ({what}), which can run "
+            "any code the file holds; no contrastseg command does that. If you trust the "
+            "file, load it where it was written and save its tensors, numbers, strings, lists "
+            "and dicts with torch.save"
+        ) from None
 
 
 def _weights_only_reason(text: str) -> str:
@@ -215,7 +220,7 @@ def _check_header(path: Path, state: Any) -> int:
     if not isinstance(state, dict) or "format_version" not in state:
         raise CheckpointError(f"{path}: not a contrastseg checkpoint (no format_version)")
     version = state["format_version"]
-    if not isinstance(version, int) or version < 1:
+    if type(version) is not int or version < 1:
         raise CheckpointError(f"{path}: format_version {version!r} is not a positive integer")
     if version > FORMAT_VERSION:
         raise CheckpointError(
@@ -225,12 +230,40 @@ def _check_header(path: Path, state: Any) -> int:
     return version
 
 
-def load_checkpoint(path: Path, trust: bool = False) -> dict:
-    """Load a checkpoint on the CPU, safely (see :func:`read_file`). A missing, truncated,
-    foreign or unsafe file raises ``CheckpointError``; an older format ``OldFormatError`` with
-    the command that converts it."""
+def _check_digest(path: Path, state: dict) -> None:
+    """Refuse ``state`` when its digest does not match its contents; a file without a digest
+    (written before contrastseg stored one) gets one notice per file and process."""
+    problem = digest_problem(state)
+    if problem is not None:
+        raise CheckpointError(
+            f"{path}: corrupt checkpoint: {problem}; use another copy or an earlier "
+            "checkpoint (a file edited on purpose: delete its 'digest' entry, then `contrastseg "
+            "checkpoint upgrade` writes a copy with a new one)"
+        )
+    if DIGEST_KEY not in state and str(path) not in _NOTIFIED:
+        _NOTIFIED.add(str(path))
+        log.warning(
+            "%s: written without a content digest (by an older contrastseg); only its zip "
+            "checksums were checked. `contrastseg checkpoint upgrade %s NEW.pt` writes a copy "
+            "with one",
+            path,
+            path,
+        )
+
+
+_NOTIFIED: set[str] = set()
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load a checkpoint on the CPU, safely (see :func:`read_file`), and check its content
+    digest (:mod:`contrastseg.digest`). A missing, truncated, damaged, foreign or unsafe
+    file raises ``CheckpointError``; an older format ``OldFormatError`` with the command that
+    converts it. The parts a command uses are checked by
+    :mod:`contrastseg.engine.checkpoint_parts`."""
     path = Path(path)
-    state = read_file(path, trust)
+    state = read_file(path)
+    if isinstance(state, dict) and DIGEST_KEY in state:  # damage first: it explains the rest
+        _check_digest(path, state)
     version = _check_header(path, state)
     if version < FORMAT_VERSION:
         raise OldFormatError(
@@ -238,6 +271,7 @@ def load_checkpoint(path: Path, trust: bool = False) -> dict:
             f"({FORMAT_VERSION}); convert it with `contrastseg checkpoint upgrade {path} "
             "NEW.pt` (the original is kept)"
         )
+    _check_digest(path, state)
     return state
 
 
@@ -278,16 +312,17 @@ def move_projection_to_loss(model: dict, loss: dict) -> tuple[OrderedDict, Order
 
 
 def upgrade_state(state: dict) -> dict:
-    """A checkpoint of an older format in the current one (a new dict; ``state`` is not
-    changed). Format 1 -> 2: the projection head moves from ``model`` to ``loss``
-    (:func:`move_projection_to_loss`), every value becomes a plain type (:func:`plain`), and
-    ``processes`` is filled with the one process's random state the checkpoint has."""
+    """A checkpoint of an older format, or holding plain data classes, in the current format of
+    plain types (a new dict; ``state`` is not changed). Format 1 -> 2: the projection head moves
+    from ``model`` to ``loss`` (:func:`move_projection_to_loss`) and ``processes`` is filled
+    with the one process's random state the checkpoint has. Every value becomes a plain type
+    (:func:`plain`: a Namespace a dict, a NumPy array a tensor)."""
     version = state.get("format_version")
     if version == FORMAT_VERSION:
-        return plain(dict(state))
+        return plain({k: v for k, v in state.items() if k != DIGEST_KEY})
     if version != 1:
         raise CheckpointError(f"format_version {version!r}: no conversion to {FORMAT_VERSION}")
-    new = dict(state)
+    new = {k: v for k, v in state.items() if k != DIGEST_KEY}
     new["model"], new["loss"] = move_projection_to_loss(state["model"], state["loss"])
     rng = state.get("rng") or {}
     generators = {k: v for k, v in new["loss"].items() if k.endswith("_extra_state")}
@@ -296,23 +331,30 @@ def upgrade_state(state: dict) -> dict:
     return plain(new)
 
 
-def upgrade_file(old: Path, new: Path, trust: bool = False) -> int:
-    """Convert checkpoint ``old`` to the current format and write it to ``new`` (atomically;
-    ``old`` is never changed, and an existing ``new`` is never overwritten). Returns the format
-    ``old`` had. A file already in the current format raises ``CheckpointError``."""
+def upgrade_file(old: Path, new: Path) -> int:
+    """Convert checkpoint ``old`` to the current format and write it to ``new`` with a content
+    digest (atomically; ``old`` is never changed, and an existing ``new`` is never
+    overwritten). Converts format 1, rewrites plain data classes as plain types
+    (:func:`read_file` with ``data_classes``) and adds the digest a file written before
+    digests lacks; the digest of a file that has one is checked first. Returns the format
+    ``old`` had. A file that needs none of this raises ``CheckpointError``."""
     old, new = Path(old), Path(new)
     if new.exists():
         raise CheckpointError(f"{new}: already exists; give a new file name (nothing written)")
-    state = read_file(old, trust)
+    state = read_file(old, data_classes=True)
     version = _check_header(old, state)
-    if version == FORMAT_VERSION:
-        raise CheckpointError(
-            f"{old}: already format {FORMAT_VERSION}; nothing to convert (nothing written)"
-        )
+    problem = digest_problem(state)
+    if problem is not None:
+        raise CheckpointError(f"{old}: corrupt checkpoint: {problem} (nothing written)")
     try:
         converted = upgrade_state(state)
-    except (KeyError, TypeError) as err:
+    except (KeyError, TypeError, AttributeError) as err:
         raise CheckpointError(f"{old}: cannot convert format {version}: {err}") from err
+    if version == FORMAT_VERSION and DIGEST_KEY in state:  # sealed files hold plain types
+        raise CheckpointError(
+            f"{old}: already format {FORMAT_VERSION} with a content digest; nothing to convert "
+            "(nothing written)"
+        )
     atomic_save(converted, new)
     load_checkpoint(new)  # the written file loads safely
     return version
@@ -332,10 +374,11 @@ def list_checkpoints(directory: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def latest_loadable(directory: Path) -> tuple[Path, dict] | None:
-    """The newest checkpoint that loads; broken newer ones are skipped (and reported). A
-    checkpoint of an older format, or one that would need unsafe unpickling, stops the search
-    with its error: it is no torn file, and skipping it would resume from an older state."""
+def latest_loadable(directory: Path, skipped: list[str] | None = None) -> tuple[Path, dict] | None:
+    """The newest checkpoint that loads; broken (torn, damaged) newer ones are skipped, each
+    reported in a warning and appended to ``skipped``. A checkpoint of an older format, or one
+    that would need unsafe unpickling, stops the search with its error: it is no torn file,
+    and skipping it would resume from an older state."""
     for path in reversed(list_checkpoints(directory)):
         try:
             return path, load_checkpoint(path)
@@ -343,6 +386,8 @@ def latest_loadable(directory: Path) -> tuple[Path, dict] | None:
             raise
         except CheckpointError as err:
             log.warning("skipping unreadable checkpoint: %s", err)
+            if skipped is not None:
+                skipped.append(str(err))
     return None
 
 

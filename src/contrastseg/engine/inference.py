@@ -20,6 +20,7 @@ from contrastseg.data import (
     normalize,
 )
 from contrastseg.engine.checkpoint import load_checkpoint
+from contrastseg.engine.checkpoint_parts import check_finite, check_model_parts
 from contrastseg.engine.evaluator import evaluate, format_table, write_eval_json
 from contrastseg.engine.inference_modes import infer_scores
 from contrastseg.engine.runtime import resolve_device
@@ -31,23 +32,25 @@ log = logging.getLogger("contrastseg")
 
 
 def load_trained_model(
-    path: Path, device: str | torch.device = "cpu", trust: bool = False
+    path: Path, device: str | torch.device = "cpu"
 ) -> tuple[Segmentor, ExperimentConfig, dict]:
     """Rebuild the model of a checkpoint in eval mode (backbone, decode head, auxiliary head;
     the pixel-contrast module of a contrast run lives in ``state["loss"]``). The file is read
-    safely; ``trust`` also allows the classes a file of the user's own names (unsafe: see
-    :func:`contrastseg.engine.checkpoint.read_file`)."""
-    state = load_checkpoint(Path(path), trust=trust)
-    cfg = ExperimentConfig.model_validate(state["config"])
-    num_classes = len(state["class_names"])
-    model = build_model(cfg.model, num_classes, backbone_weights=False)
-    weights = state["model"]
+    safely and its digest checked (:func:`contrastseg.engine.checkpoint.load_checkpoint`); a
+    missing or malformed part, weights that do not fit the model of its config, and non-finite
+    weights raise ``CheckpointError`` naming the file and the part."""
+    state = load_checkpoint(Path(path))
+    parts = check_model_parts(path, state)
+    check_finite(path, parts.weights)
+    model = build_model(parts.config.model, len(parts.class_names), backbone_weights=False)
     try:
-        model.load_state_dict(weights)
+        model.load_state_dict(parts.weights)
     except RuntimeError as err:
-        raise CheckpointError(f"{path}: weights do not fit the model of its config: {err}") from err
+        raise CheckpointError(
+            f"{path}: weights do not fit the model of its config: {one_line(err)[:300]}"
+        ) from err
     device = resolve_device(str(device)) if isinstance(device, str) else device
-    return model.to(device).eval(), cfg, state
+    return model.to(device).eval(), parts.config, state
 
 
 def with_checkpoint_input(data: DataConfig, trained: DataConfig, checkpoint: Path) -> DataConfig:
@@ -99,12 +102,11 @@ def evaluate_checkpoint(
     split: str | None = None,
     out: Path | None = None,
     print_table: bool = True,
-    trust: bool = False,
 ) -> dict:
     """Evaluate ``checkpoint`` on a split of the data ``cfg`` describes, as ``cfg.eval`` says;
     writes ``eval.json``. Images are normalised as the checkpoint's model expects
     (:func:`with_checkpoint_input`)."""
-    model, trained, state = load_trained_model(checkpoint, cfg.train.device, trust=trust)
+    model, trained, state = load_trained_model(checkpoint, cfg.train.device)
     device = next(model.parameters()).device
     dataset = build_eval_dataset(with_checkpoint_input(cfg.data, trained.data, checkpoint), split)
     if list(dataset.classes) != list(state["class_names"]):
@@ -298,13 +300,11 @@ def predict(
     alpha: float = 0.5,
     strict: bool = False,
     skip_existing: bool = False,
-    trust: bool = False,
 ) -> PredictResult:
     """Write, per image, ``<stem>_mask.png`` (palette colours), ``<stem>_overlay.png`` and
     ``<stem>_labels.png`` (class ids) into ``out_dir``. Returns the mask paths written, with the
-    inputs skipped and kept (see :func:`predict_files` for ``strict`` and ``skip_existing``;
-    ``trust``: see :func:`load_trained_model`)."""
-    model, cfg, state = load_trained_model(checkpoint, "auto", trust=trust)
+    inputs skipped and kept (see :func:`predict_files` for ``strict`` and ``skip_existing``)."""
+    model, cfg, state = load_trained_model(checkpoint, "auto")
     palette = np.asarray(state["palette"], dtype=np.uint8)
 
     def infer(rgb: np.ndarray) -> np.ndarray:

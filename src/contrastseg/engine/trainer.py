@@ -27,13 +27,20 @@ from contrastseg.distributed import (
 )
 from contrastseg.engine import checkpoint as ckpt
 from contrastseg.engine import resume as resume_config
+from contrastseg.engine.checkpoint_parts import check_finite, check_model_parts, check_resume_parts
 from contrastseg.engine.evaluator import evaluate, format_table, write_eval_json
 from contrastseg.engine.progress import TrainProgress
 from contrastseg.engine.runtime import environment_info, resolve_device, seed_everything
 from contrastseg.engine.sampling import EpochIndexed, IterationBatchSampler
 from contrastseg.engine.signals import StopSignal
 from contrastseg.engine.step import sgd_step
-from contrastseg.errors import CheckpointError, ConfigError, TrainingError, TrainingInterrupted
+from contrastseg.errors import (
+    CheckpointError,
+    ConfigError,
+    TrainingError,
+    TrainingInterrupted,
+    one_line,
+)
 from contrastseg.losses import LossSet
 from contrastseg.models import build_model
 from contrastseg.precision import AMP_DTYPES
@@ -272,20 +279,27 @@ class Trainer:
         return gathered
 
     def _resume(self, reason: str = "--resume") -> None:
-        found = ckpt.latest_loadable(self.ckpt_dir)
+        skipped: list[str] = []
+        found = ckpt.latest_loadable(self.ckpt_dir, skipped)
         if found is None:
             fix = (
                 "run the same command without --resume to start from iteration 0"
                 if reason == "--resume"
                 else "its files are torn or corrupt: move them away to start from iteration 0"
             )
-            raise CheckpointError(f"{reason}: no loadable checkpoint in {self.ckpt_dir}; {fix}")
+            why = f" ({'; '.join(skipped)})" if skipped else ""
+            raise CheckpointError(
+                f"{reason}: no loadable checkpoint in {self.ckpt_dir}{why}; {fix}"
+            )
         path, state = found
+        parts = check_model_parts(path, state)
+        check_resume_parts(path, state)
+        check_finite(path, parts.weights)
         if self.recorded_config is None:  # no config.yaml: the checkpoint's config is the record
             self.config_changes = resume_config.check_resume_config(
                 self.cfg, flatten(state["config"]), f"{path} (its config)"
             )
-            self.checkpoint_config = ExperimentConfig.model_validate(state["config"])
+            self.checkpoint_config = parts.config
         if state["iteration"] > self.cfg.train.iters:
             raise ConfigError(
                 f"train.iters = {self.cfg.train.iters} is below the iteration of {path}, "
@@ -313,13 +327,24 @@ class Trainer:
                 len(processes),
                 self.dist.world_size,
             )
-        self.optimizer.load_state_dict(state["optimizer"])
         state["loss"].update(mine["loss"])
-        self.loss_set.load_state_dict(state["loss"])
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(mine["rng"]["torch"])
-        if mine["rng"]["cuda"] is not None and torch.cuda.is_available():
+        restore = [
+            ("optimizer", lambda: self.optimizer.load_state_dict(state["optimizer"])),
+            ("loss", lambda: self.loss_set.load_state_dict(state["loss"])),
+            (
+                "scaler",
+                lambda: state.get("scaler") and self.scaler.load_state_dict(state["scaler"]),
+            ),
+            ("rng", lambda: torch.set_rng_state(mine["rng"]["torch"])),
+        ]
+        for part, load in restore:
+            try:
+                load()
+            except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
+                raise CheckpointError(
+                    f"{path}: its {part!r} part does not fit this run: {one_line(err)[:300]}"
+                ) from err
+        if mine["rng"].get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(mine["rng"]["cuda"])
         self.iteration = state["iteration"]
         self.best = state.get("best")
