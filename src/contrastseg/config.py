@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from contrastseg.config_checks import check_loaded_config
-from contrastseg.datasets_table import DATA_SET_NAMES, DATA_SETS
+from contrastseg.datasets_table import DATA_SET_NAMES, DATA_SETS, MAX_IMAGE_PIXELS
 from contrastseg.errors import ConfigError
 from contrastseg.model_table import BACKBONE_NAMES
 from contrastseg.yaml_io import load_yaml_text, read_yaml_file
@@ -69,6 +69,10 @@ class DataConfig(_Section):
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     num_workers: int = Field(0, ge=0)
+    # An image or label file whose header claims more pixels (width x height) is refused before
+    # it is decoded (a decompression bomb). The default, 2**26 (8192 x 8192), admits every
+    # supported data set and camera photos up to 61 MP (datasets_table.MAX_IMAGE_PIXELS).
+    max_image_pixels: int = Field(MAX_IMAGE_PIXELS, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:

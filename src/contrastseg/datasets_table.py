@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["DATA_SETS", "DATA_SET_NAMES", "DataSetEntry"]
+__all__ = ["DATA_SETS", "DATA_SET_NAMES", "MAX_IMAGE_PIXELS", "DataSetEntry"]
 
 
 @dataclass(frozen=True)
@@ -45,3 +45,11 @@ DATA_SETS: dict[str, DataSetEntry] = {
 }
 #: The allowed values of ``data.name``, in the order of the table.
 DATA_SET_NAMES: tuple[str, ...] = tuple(DATA_SETS)
+
+#: The default pixel limit of an image or mask file (``data.max_image_pixels``, ``predict
+#: --max-pixels``): 2**26 = 67,108,864 pixels, e.g. 8192 x 8192. It admits every image of the
+#: data sets above (Cityscapes 2048 x 1024, CamVid 960 x 720, PASCAL-Context and COCO-Stuff at
+#: most 640 on a side) and camera photos up to 61 MP (9504 x 6336), and refuses a header that
+#: claims billions of pixels before they are decoded; at the limit an image takes 192 MiB as
+#: 8-bit RGB and 768 MiB as the float tensor the model reads.
+MAX_IMAGE_PIXELS = 2**26

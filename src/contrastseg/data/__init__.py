@@ -26,9 +26,12 @@ from contrastseg.data.dataset import SegmentationDataset, Source, sample_seed
 from contrastseg.data.fileio import (
     IGNORE_INDEX,
     IMAGE_EXTENSIONS,
+    MAX_IMAGE_PIXELS,
+    ImageTooLarge,
     index_files,
     load_image,
     load_mask,
+    pixel_limit,
     read_list,
 )
 from contrastseg.data.folder import FolderSource
@@ -53,6 +56,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
+    "MAX_IMAGE_PIXELS",
     "SYNTHETIC_CLASSES",
     "CamVidSource",
     "CheckReport",
@@ -60,6 +64,7 @@ __all__ = [
     "CocoStuffSource",
     "EvalTransform",
     "FolderSource",
+    "ImageTooLarge",
     "PairedSource",
     "PascalContextSource",
     "Problem",
@@ -86,6 +91,7 @@ __all__ = [
     "normalize",
     "open_source",
     "pair_files",
+    "pixel_limit",
     "read_list",
     "render_sample",
     "sample_seed",

@@ -65,12 +65,16 @@ def build_source(name: str, split: str, **kwargs: Any) -> Source:
 def open_source(data: DataConfig, split: str, strict: bool = True) -> Source:
     """The raw source of ``split`` of the data set a config's data section describes.
     ``strict=False`` lists incomplete pairs in ``source.missing`` instead of raising (what
-    ``contrastseg data check`` uses; the generated data set has no files and ignores it)."""
+    ``contrastseg data check`` uses; the generated data set has no files and ignores it). A
+    source of files refuses those of more than ``data.max_image_pixels`` pixels."""
     cls = source_class(data.name)
     kwargs = cls.options(data, split)
     if "strict" in inspect.signature(cls).parameters:
         kwargs["strict"] = strict
-    return build_source(data.name, split, **kwargs)
+    source = build_source(data.name, split, **kwargs)
+    if hasattr(source, "max_pixels"):  # a PairedSource: every data set read from files
+        source.max_pixels = data.max_image_pixels
+    return source
 
 
 def preflight(source: Source) -> None:

@@ -11,7 +11,9 @@ missing label   an image whose label file is not there
 unreadable      not an image file PIL can open (empty, wrong format, corrupt header)
 truncated       the header is fine but the pixel data ends early or is corrupt
 channels        an image training cannot use (16-bit, 32-bit or float values, or a mode PIL
-                does not convert to RGB), a label map with more than one channel
+                does not convert to RGB), a label map with more than one channel or with
+                16-bit values stored in an 8-bit mode
+too large       the header claims more pixels than ``data.max_image_pixels`` (not decoded)
 size mismatch   image and label map differ in width or height
 label values    raw label ids outside the data set's classes and special ids
 ==============  ============================================================================
@@ -28,10 +30,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
 from contrastseg.data.build import open_source
-from contrastseg.data.fileio import IGNORE_INDEX, IMAGE_MODES, MASK_MODES, image_mode_problem
+from contrastseg.data.fileio import (
+    IGNORE_INDEX,
+    IMAGE_MODES,
+    MASK_MODES,
+    ImageTooLarge,
+    image_mode_problem,
+    open_image,
+    sixteen_bit_image_problem,
+    sixteen_bit_mask_problem,
+    wide_samples,
+)
 from contrastseg.data.paired import PairedSource, Problem, describe_ids
 from contrastseg.datasets_table import DATA_SETS
 from contrastseg.errors import DataError
@@ -44,6 +56,7 @@ PROBLEM_KINDS = (
     "unreadable",
     "truncated",
     "channels",
+    "too large",
     "size mismatch",
     "label values",
 )
@@ -113,17 +126,25 @@ def format_report(report: CheckReport) -> str:
 
 
 def _open_checked(
-    path: Path, what: str, modes: tuple[str, ...]
+    path: Path, what: str, modes: tuple[str, ...], max_pixels: int | None = None
 ) -> tuple[tuple[int, int] | None, np.ndarray | None, Problem | None]:
-    """Decode a file fully: ((width, height), pixels of a label or None for an image, problem)."""
+    """Decode a file fully: ((width, height), pixels of a label or None for an image, problem).
+    A file of more than ``max_pixels`` pixels is not decoded (see ``fileio.open_image``)."""
     try:
-        with Image.open(path) as img:
+        with open_image(path, what, max_pixels) as img:
             mode, size = img.mode, img.size
+            rawmode = wide_samples(img)  # before load(), which drops the tiles
             try:
                 img.load()
             except (OSError, SyntaxError, ValueError) as exc:
                 kind = _decode_error_kind(exc)
                 return None, None, Problem(kind, path, f"{what} {size[0]}x{size[1]}: {exc}")
+            if rawmode:
+                if what == "image":
+                    detail = sixteen_bit_image_problem(rawmode, mode)
+                else:
+                    detail = sixteen_bit_mask_problem(rawmode, mode, what)
+                return size, None, Problem("channels", path, detail)
             if mode not in modes:
                 bands = len(img.getbands())
                 if what == "image":
@@ -135,6 +156,8 @@ def _open_checked(
                     )
                 return size, None, Problem("channels", path, detail)
             return size, (np.asarray(img) if what == "label" else None), None
+    except ImageTooLarge as exc:
+        return None, None, Problem("too large", path, str(exc).removeprefix(f"{path}: "))
     except UnidentifiedImageError as exc:
         return None, None, Problem("unreadable", path, f"not an image file ({exc})")
     except FileNotFoundError:
@@ -161,14 +184,15 @@ def _check_one(
     counts = np.zeros(256, dtype=np.int64)
     image_path = Path(source.image_path(index))
     label_path = source.label_path(index)
-    image_size, _, problem = _open_checked(image_path, "image", IMAGE_MODES)
+    limit = source.max_pixels
+    image_size, _, problem = _open_checked(image_path, "image", IMAGE_MODES, limit)
     if problem:
         problems.append(problem)
     if label_path is None:
         return problems, counts
     label_path = Path(label_path)
     if label_path.suffix.lower() == ".png":
-        _, raw, problem = _open_checked(label_path, "label", MASK_MODES)
+        _, raw, problem = _open_checked(label_path, "label", MASK_MODES, limit)
     else:
         try:
             raw, problem = source.read_label_ids(label_path), None

@@ -2,19 +2,34 @@
 
 Images must have 8-bit channels: RGB, greyscale, palette, bilevel, CMYK and YCbCr are converted
 to RGB (CMYK naively, without a colour profile); an alpha channel (RGBA, LA, PA) is dropped, not
-blended. 16-bit, 32-bit and float images are refused, since 8-bit RGB would clip their values.
-Masks hold one id per pixel (mode L, P, 1 or a 16/32-bit integer mode); palette ('P') masks are
-read by index, not by colour; masks with several channels (RGB, LA) are refused.
+blended. 16-bit, 32-bit and float images are refused, since 8-bit RGB would clip their values;
+so are files whose samples have 16 bits although PIL opens them in an 8-bit mode (a 48-bit RGB
+PNG or TIFF opens as 'RGB' and would lose its low bytes). Masks hold one id per pixel (mode L,
+P, 1 or a 16/32-bit integer mode); palette ('P') masks are read by index, not by colour; masks
+with several channels (RGB, LA) are refused.
+
+Every image and mask is opened through :func:`open_image`, which refuses a file whose header
+claims more than a pixel limit (default :data:`MAX_IMAGE_PIXELS`; ``data.max_image_pixels``,
+``predict --max-pixels``) before any pixel is decoded, so a decompression bomb (a few bytes
+that claim 100000 x 100000 pixels) is one ``ImageTooLarge`` error naming the file and its size.
+PIL's own global limit (``PIL.Image.MAX_IMAGE_PIXELS``) is left as it is.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import threading
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from contrastseg.datasets_table import MAX_IMAGE_PIXELS
 from contrastseg.errors import DataError
 
 __all__ = [
@@ -22,11 +37,18 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "IMAGE_MODES",
     "MASK_MODES",
+    "MAX_IMAGE_PIXELS",
+    "ImageTooLarge",
     "image_mode_problem",
     "index_files",
     "load_image",
     "load_mask",
+    "open_image",
+    "pixel_limit",
     "read_list",
+    "sixteen_bit_image_problem",
+    "sixteen_bit_mask_problem",
+    "wide_samples",
 ]
 
 #: The mask value (train id) of a pixel that is not labelled; losses and metrics skip it.
@@ -78,6 +100,152 @@ def index_files(directory: Path, suffixes: str | tuple[str, ...]) -> dict[str, P
     return found
 
 
+class ImageTooLarge(DataError):
+    """An image or mask whose header claims more pixels than the limit (nothing was decoded)."""
+
+
+# The limit of open_image calls that pass none: MAX_IMAGE_PIXELS, or pixel_limit's value.
+_PIXEL_LIMIT: ContextVar[int] = ContextVar("contrastseg_max_image_pixels", default=MAX_IMAGE_PIXELS)
+# Serialises this module's Image.open calls, each of which silences PIL's own bomb warning in
+# a warnings.catch_warnings block (which swaps the process's filter list: two threads in such
+# blocks at once could leave a filter behind). A child process starts with a fresh lock.
+_OPEN_LOCK = threading.Lock()
+
+
+def _new_open_lock() -> None:
+    global _OPEN_LOCK
+    _OPEN_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_open_lock)
+
+_LIMIT_FIX = (
+    "if the file is genuine, raise the limit (--set data.max_image_pixels=N for train, eval and "
+    "data check; --max-pixels N for predict)"
+)
+
+
+@contextmanager
+def pixel_limit(max_pixels: int) -> Iterator[int]:
+    """Within the block, ``open_image`` (``load_image``, ``load_mask``) calls that pass no
+    ``max_pixels`` refuse files of more than ``max_pixels`` pixels (W x H): how ``predict
+    --max-pixels`` reaches the files it reads."""
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        raise DataError(f"the pixel limit must be a positive integer, got {max_pixels!r}")
+    token = _PIXEL_LIMIT.set(max_pixels)
+    try:
+        yield max_pixels
+    finally:
+        _PIXEL_LIMIT.reset(token)
+
+
+def _claimed(size: tuple[int, int] | None, pixels: int | None) -> str:
+    """``"W x H = N pixels"``, or what of it is known."""
+    if pixels is None:
+        return "more pixels"
+    return f"{size[0]} x {size[1]} = {pixels:,} pixels" if size else f"{pixels:,} pixels"
+
+
+def _too_large(
+    path: Path, what: str, size: tuple[int, int] | None, pixels: int, limit: int
+) -> ImageTooLarge:
+    claimed = _claimed(size, pixels)
+    return ImageTooLarge(
+        f"{path}: {what} header claims {claimed}, over the limit of {limit:,} pixels; {_LIMIT_FIX}"
+    )
+
+
+def _bomb(path: Path, what: str, err: Exception, limit: int) -> ImageTooLarge:
+    """The error for PIL's ``DecompressionBombError``: the claimed size from the header when it
+    can be read without PIL's check, else the pixel count PIL's message gives."""
+    found = re.search(r"\((\d+) pixels\) exceeds limit of (\d+)", str(err))
+    size = _header_size(path)
+    pixels = size[0] * size[1] if size else int(found.group(1)) if found else None
+    if pixels is not None and pixels > limit:
+        return _too_large(path, what, size, pixels, limit)
+    pil_limit = f"{int(found.group(2)):,} pixels" if found else "its limit"
+    return ImageTooLarge(
+        f"{path}: {what} header claims {_claimed(size, pixels)}, over PIL's own limit of "
+        f"{pil_limit} (2 x PIL.Image.MAX_IMAGE_PIXELS), which data.max_image_pixels and "
+        "--max-pixels do not lift; downscale or tile the image"
+    )
+
+
+def _header_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) as the file's header states it, read by the PIL plugin that accepts the
+    file but without PIL's bomb check (which hides the size); None when no plugin reads it."""
+    try:
+        with open(path, "rb") as fp:
+            prefix = fp.read(16)
+            for name in list(Image.ID):
+                factory, accept = Image.OPEN[name]
+                accepted = not accept or accept(prefix)  # a str is a near miss: PIL's rule
+                if not accepted or isinstance(accepted, str):
+                    continue
+                fp.seek(0)
+                try:
+                    return factory(fp, str(path)).size
+                except Exception:  # noqa: BLE001 - any plugin failure: try the next one
+                    continue
+    except OSError:
+        return None
+    return None
+
+
+@contextmanager
+def open_image(
+    path: Path, what: str = "image", max_pixels: int | None = None
+) -> Iterator[Image.Image]:
+    """``PIL.Image.open(path)`` (the header only, nothing decoded) refusing, with
+    ``ImageTooLarge``, a file of more than ``max_pixels`` pixels (W x H; default: the current
+    :func:`pixel_limit`, else :data:`MAX_IMAGE_PIXELS`), also when PIL's own check stops it at
+    open or while decoding in the block; PIL's warning for large images is not shown. ``what``
+    names the file in messages ("image", "mask"). PIL's other errors pass through."""
+    limit = _PIXEL_LIMIT.get() if max_pixels is None else max_pixels
+    with _OPEN_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(path)
+        except Image.DecompressionBombError as err:
+            raise _bomb(path, what, err, limit) from None
+    with img:
+        width, height = img.size
+        if width * height > limit:
+            raise _too_large(path, what, (width, height), width * height, limit)
+        try:
+            yield img
+        except Image.DecompressionBombError as err:  # checked while decoding (TIFF tiles, GIF)
+            raise _bomb(path, what, err, limit) from None
+
+
+_SIXTEEN_BIT = re.compile(r";16[BLN]")  # PIL raw modes of 16-bit samples ("BGR;16" is 5-6-5)
+
+
+def wide_samples(img: Image.Image) -> str | None:
+    """The raw mode of a file whose samples have 16 bits although PIL opened it in an 8-bit
+    mode (a 48-bit RGB PNG is mode 'RGB' from raw mode 'RGB;16B', and decoding keeps only the
+    high bytes), else None. Call it before ``load()``, which drops the tiles it reads."""
+    if img.mode.startswith(("I", "F")):  # 16/32-bit modes keep their values
+        return None
+    for tile in getattr(img, "tile", None) or ():
+        args = tile[3] if len(tile) > 3 else None
+        rawmode = args[0] if isinstance(args, tuple) and args else args
+        if isinstance(rawmode, str) and _SIXTEEN_BIT.search(rawmode):
+            return rawmode
+    return None
+
+
+def sixteen_bit_image_problem(rawmode: str, mode: str) -> str:
+    """Why an image with 16-bit samples that PIL opens as ``mode`` cannot be used, with the
+    fix."""
+    return (
+        f"image has 16 bits per channel (stored as {rawmode!r}, opened as mode {mode!r}), which "
+        "8-bit RGB would clip; save it as an 8-bit RGB or greyscale PNG/JPEG (an alpha channel "
+        "is allowed and dropped)"
+    )
+
+
 def image_mode_problem(mode: str, bands: int) -> str | None:
     """Why an image of PIL ``mode`` cannot be used, with the fix; None when it can."""
     if mode in IMAGE_MODES:
@@ -92,10 +260,14 @@ def image_mode_problem(mode: str, bands: int) -> str | None:
     )
 
 
-def load_image(path: Path) -> np.ndarray:
-    """Read an image file as (H, W, 3) uint8 RGB (see the module docstring for the modes)."""
+def load_image(path: Path, max_pixels: int | None = None) -> np.ndarray:
+    """Read an image file as (H, W, 3) uint8 RGB (see the module docstring for the modes and
+    ``max_pixels``, the pixel limit of :func:`open_image`)."""
     try:
-        with Image.open(path) as img:
+        with open_image(path, "image", max_pixels) as img:
+            rawmode = wide_samples(img)
+            if rawmode:
+                raise DataError(f"{path}: {sixteen_bit_image_problem(rawmode, img.mode)}")
             img.load()
             problem = image_mode_problem(img.mode, len(img.getbands()))
             if problem:
@@ -112,6 +284,16 @@ def load_image(path: Path) -> np.ndarray:
         ) from None
 
 
+def sixteen_bit_mask_problem(rawmode: str, mode: str, what: str = "mask") -> str:
+    """Why a mask (label map) with 16-bit samples that PIL opens in the 8-bit ``mode`` cannot be
+    used; ``what`` is its name in the message."""
+    return (
+        f"{what} has 16-bit values (stored as {rawmode!r}) that PIL reads as 8-bit mode {mode!r}, "
+        "which would cut its ids; save it as a single-channel PNG, 8-bit (mode L or P) or "
+        "16-bit greyscale"
+    )
+
+
 def _not_class_ids(path: Path | str, values: np.ndarray, num_classes: int) -> DataError:
     """The error for mask ``values`` that are neither class ids ``0..num_classes - 1`` nor
     ``IGNORE_INDEX`` (the classes being those of a folder data set's ``classes.txt``)."""
@@ -125,13 +307,19 @@ def _not_class_ids(path: Path | str, values: np.ndarray, num_classes: int) -> Da
     )
 
 
-def load_mask(path: Path, num_classes: int | None = None) -> np.ndarray:
+def load_mask(
+    path: Path, num_classes: int | None = None, max_pixels: int | None = None
+) -> np.ndarray:
     """Read a single-channel mask file as (H, W) uint8 ids (255 = ignore).
 
-    With ``num_classes``, values ``>= num_classes`` other than 255 raise ``DataError``.
+    With ``num_classes``, values ``>= num_classes`` other than 255 raise ``DataError``;
+    ``max_pixels``: the pixel limit of :func:`open_image`.
     """
     try:
-        with Image.open(path) as img:
+        with open_image(path, "mask", max_pixels) as img:
+            rawmode = wide_samples(img)
+            if rawmode:
+                raise DataError(f"{path}: {sixteen_bit_mask_problem(rawmode, img.mode)}")
             img.load()
             mode = img.mode
             if mode not in MASK_MODES:

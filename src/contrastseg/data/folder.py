@@ -93,4 +93,4 @@ class FolderSource(PairedSource):
 
     def read_label_ids(self, path: Path) -> np.ndarray:
         """The train ids of a mask, refusing values that are not ids of ``classes.txt``."""
-        return load_mask(path, num_classes=len(self.classes))
+        return load_mask(path, num_classes=len(self.classes), max_pixels=self.max_pixels)

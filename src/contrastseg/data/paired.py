@@ -18,7 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from contrastseg.data.fileio import IGNORE_INDEX, index_files, load_image, load_mask
+from contrastseg.data.fileio import (
+    IGNORE_INDEX,
+    MAX_IMAGE_PIXELS,
+    index_files,
+    load_image,
+    load_mask,
+)
 from contrastseg.data.indexing import check_index
 from contrastseg.errors import DataError
 
@@ -156,12 +162,15 @@ class PairedSource:
     ``palette``, ``label_table`` (see :func:`label_table`) and ``label_ids`` (a phrase naming
     the valid raw ids, for messages), then call ``_pair_folders`` or ``_set_pairs``. ``self[i]``
     is (image (H, W, 3) uint8 RGB, mask (H, W) uint8 train ids, 255 = ignore); a split without
-    labels gives masks that are all 255.
+    labels gives masks that are all 255. Image and label files of more than ``max_pixels``
+    pixels are refused before they are decoded (``open_source`` sets it from
+    ``data.max_image_pixels``).
     """
 
     dataset = "paired"
     label_ids = ""
     label_word = "label"  # what messages call a label file
+    max_pixels: int = MAX_IMAGE_PIXELS
     classes: list[str]
     palette: np.ndarray
     label_table: np.ndarray
@@ -232,7 +241,7 @@ class PairedSource:
 
     def read_label_ids(self, path: Path) -> np.ndarray:
         """The raw ids stored in a label file, (H, W) integers. PNG here; override for others."""
-        return load_mask(path)
+        return load_mask(path, max_pixels=self.max_pixels)
 
     def map_labels(self, raw: np.ndarray, path: Path | str) -> np.ndarray:
         """Raw ids -> (H, W) uint8 train ids; ``DataError`` naming ``path`` for unknown ids."""
@@ -255,7 +264,7 @@ class PairedSource:
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         index = self._check_index(index)
         image_path, label_path = self._images[index], self._labels[index]
-        image = load_image(image_path)
+        image = load_image(image_path, self.max_pixels)
         if label_path is None:
             return image, np.full(image.shape[:2], IGNORE_INDEX, dtype=np.uint8)
         mask = self.map_labels(self.read_label_ids(label_path), label_path)

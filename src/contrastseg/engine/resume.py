@@ -52,6 +52,7 @@ SAFE_TO_CHANGE: tuple[str, ...] = (
     "data.root",
     "data.val_split",
     "data.num_workers",
+    "data.max_image_pixels",
     "eval.",
     "output.root",
     "output.name",
