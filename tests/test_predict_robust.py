@@ -1,5 +1,5 @@
 """Prediction that keeps going: every output is written atomically, an unreadable input is
-skipped with a one-line warning and listed in the summary (exit status 1), `--strict` stops at
+skipped with a one-line warning and counted in the summary (exit status 1), `--strict` stops at
 the first one, and `--skip-existing` does not redo finished outputs. PyTorch and ONNX paths."""
 
 import json
@@ -95,22 +95,26 @@ def test_unreadable_input_is_skipped_with_a_warning_and_a_summary(
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "\n" not in warnings[0]
     assert warnings[0].startswith(f"skipped {folder / 'b.png'}: cannot read the image")
-    summary = result.summary()
-    assert summary.splitlines()[0] == (
-        f"done: 2 of 3 images (2 written to {out}, 0 already there); skipped 1:"
+    # The warning names the file once; the summary counts it without naming it again.
+    assert result.summary() == (
+        f"done: 2 of 3 images (2 written to {out}, 0 already there); skipped 1 (each named in a "
+        "warning above)"
     )
-    assert summary.splitlines()[1].startswith(f"  {folder / 'b.png'}: cannot read the image")
 
 
 @pytest.mark.parametrize("kind", ["checkpoint", "onnx"])
 def test_cli_summary_exit_status_strict_and_skip_existing(
-    models, folder, tmp_path, kind, run_cli, capsys
+    models, folder, tmp_path, kind, run_cli, capsys, caplog
 ):
     out = tmp_path / "out"
-    assert run_cli(*cli_args(models, kind, [folder], out)) == 1
+    with caplog.at_level(logging.WARNING, logger="contrastseg"):
+        assert run_cli(*cli_args(models, kind, [folder], out)) == 1
     printed = capsys.readouterr().out
-    assert f"done: 2 of 3 images (2 written to {out}, 0 already there); skipped 1:" in printed
-    assert f"{folder / 'b.png'}: cannot read the image" in printed
+    assert f"done: 2 of 3 images (2 written to {out}, 0 already there); skipped 1 (" in printed
+    assert "b.png" not in printed  # named once, in the warning
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"skipped {folder / 'b.png'}: cannot read the image")
     assert output_names(out) == expected("a", "c")
 
     # --skip-existing: the finished outputs are kept as they are, the broken file is met again.
@@ -118,7 +122,7 @@ def test_cli_summary_exit_status_strict_and_skip_existing(
     (out / "c_mask.png").unlink()  # as if the first run had died before c's mask
     assert run_cli(*cli_args(models, kind, [folder], out, "--skip-existing")) == 1
     printed = capsys.readouterr().out
-    assert f"done: 2 of 3 images (1 written to {out}, 1 already there); skipped 1:" in printed
+    assert f"done: 2 of 3 images (1 written to {out}, 1 already there); skipped 1 (" in printed
     after = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     assert output_names(out) == expected("a", "c")
     assert all(after[f"a{s}"] == before[f"a{s}"] for s in OUTPUTS)  # not rewritten
@@ -189,3 +193,33 @@ def test_a_failed_write_leaves_no_partial_file(models, folder, tmp_path, monkeyp
     assert output_names(out) == expected("a", "c")
     assert prediction_paths("c", out)[-1].name == "c_mask.png"
     Image.open(out / "c_overlay.png").load()  # whole
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "onnx"])
+def test_nothing_predicted_exits_2_and_leaves_no_output_folder(
+    models, tmp_path, kind, run_cli, capsys, caplog
+):
+    """Every input unreadable: one warning per file, one error line with the count, exit status
+    2, and the --out folder, which did not exist, is not created (not even empty)."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in ("x.png", "y.jpg"):
+        (bad / name).write_bytes(b"no image")
+    out = tmp_path / "deep" / "out"
+    with caplog.at_level(logging.WARNING, logger="contrastseg"):
+        assert run_cli(*cli_args(models, kind, [bad, tmp_path / "gone.png"], out)) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: predict: none of the 3 input(s) could be predicted (each is named in a warning "
+        f"above); nothing was written to {out}"
+    ]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert [w.split(":")[0] for w in warnings] == [
+        f"skipped {tmp_path / 'gone.png'}",
+        f"skipped {bad / 'x.png'}",
+        f"skipped {bad / 'y.jpg'}",
+    ]
+    assert not (tmp_path / "deep").exists()
+    assert run_cli(*cli_args(models, kind, [bad], out, "--strict")) == 2
+    assert not (tmp_path / "deep").exists()

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from contrastseg.datasets_table import MAX_IMAGE_PIXELS
 from contrastseg.errors import ContrastSegError, TrainingInterrupted, one_line
 
 app = typer.Typer(
@@ -124,8 +125,9 @@ def evaluate(
     # torch, the models and the data only once the config is known to be valid
     from contrastseg import evaluate_checkpoint
     from contrastseg.engine.inference import eval_json_path
+    from contrastseg.files import check_output_file
 
-    out = eval_json_path(checkpoint, out)
+    out = check_output_file(eval_json_path(checkpoint, out), "eval --out")
     existed = out.exists()
     metrics = evaluate_checkpoint(cfg, checkpoint, split=split, out=out)
     typer.echo(
@@ -155,28 +157,47 @@ def predict(
             "--skip-existing", help="Keep the outputs of images already done (rerun after a crash)."
         ),
     ] = False,
+    max_pixels: Annotated[
+        int,
+        typer.Option(
+            "--max-pixels",
+            min=1,
+            help="Refuse an image whose header claims more pixels (width x height), before "
+            "decoding it (default 2**26 = 8192 x 8192).",
+        ),
+    ] = MAX_IMAGE_PIXELS,
 ) -> None:
     """Colour-coded masks, overlays and label-id PNGs for images. Each file is written
     atomically; an unreadable image is skipped with a warning, and the run ends with a summary
-    and exit status 1 when any was skipped."""
-    from contrastseg.errors import ConfigError
+    and exit status 1 when any was skipped, 2 when every one was (the --out folder is then not
+    created)."""
+    from contrastseg.data.fileio import pixel_limit
+    from contrastseg.errors import ConfigError, DataError
+    from contrastseg.files import check_output_dir
 
     if (checkpoint is None) == (onnx is None):
         got = "both" if checkpoint is not None else "neither"
         raise ConfigError(f"predict: give one of --checkpoint CKPT or --onnx MODEL.onnx, got {got}")
-    if onnx is not None:
-        from contrastseg.onnx_predict import predict_onnx
+    check_output_dir(out, "predict --out")  # before the model is loaded
+    with pixel_limit(max_pixels):
+        if onnx is not None:
+            from contrastseg.onnx_predict import predict_onnx
 
-        result = predict_onnx(onnx, images, out, strict=strict, skip_existing=skip_existing)
-    else:
-        from contrastseg import predict as run_predict
+            result = predict_onnx(onnx, images, out, strict=strict, skip_existing=skip_existing)
+        else:
+            from contrastseg import predict as run_predict
 
-        result = run_predict(
-            checkpoint,
-            images,
-            out,
-            strict=strict,
-            skip_existing=skip_existing,
+            result = run_predict(
+                checkpoint,
+                images,
+                out,
+                strict=strict,
+                skip_existing=skip_existing,
+            )
+    if result.failed:
+        raise DataError(
+            f"predict: none of the {len(result.skipped)} input(s) could be predicted (each is "
+            f"named in a warning above); nothing was written to {out}"
         )
     typer.echo(result.summary())
     if not result.ok:
@@ -194,8 +215,12 @@ def export_model(
     opset: Annotated[int | None, typer.Option(help="ONNX opset, 18 or newer (default 18).")] = None,
 ) -> None:
     """Export the inference model (no auxiliary or projection head) and its JSON sidecar."""
-    from contrastseg.export import export_checkpoint
+    from contrastseg.export import export_checkpoint, sidecar_path
+    from contrastseg.files import check_output_file
 
+    if out is not None:  # before the slow export: the model file and its sidecar
+        check_output_file(out, "export --out")
+        check_output_file(sidecar_path(out), "the sidecar of export --out")
     result = export_checkpoint(checkpoint, out, format=format, opset=opset)
     typer.echo(
         f"wrote {result.model} and {result.sidecar.name} "
@@ -213,8 +238,9 @@ def checkpoint_upgrade(
     becomes a dict or tensor; a file written before content digests gets one. Nothing the file
     names beyond plain data classes is imported or run."""
     from contrastseg.engine.checkpoint import FORMAT_VERSION, upgrade_file
+    from contrastseg.files import check_output_file
 
-    version = upgrade_file(old, new)
+    version = upgrade_file(old, check_output_file(new, "checkpoint upgrade NEW"))
     typer.echo(
         f"wrote {new}: format {version} -> {FORMAT_VERSION}, with a content digest "
         f"({old} unchanged)"
@@ -300,10 +326,14 @@ def report(
     ] = "last",
 ) -> None:
     """The supplement's Table 1 (s/iter, mIoU and gain) and Table 2 (losses) from run dirs."""
+    from contrastseg.files import check_output_file
     from contrastseg.report import parse_tables, write_report
     from contrastseg.rundir import load_runs
 
     parse_tables(table)  # a wrong --table fails before any run is read
+    for path, option in ((out, "report --out"), (csv, "report --csv")):
+        if path is not None:
+            check_output_file(path, option)
     typer.echo(write_report(load_runs(run_dirs, checkpoint), out, csv, table), nl=False)
 
 
@@ -528,11 +558,13 @@ def figures_compare(
 
     Writes <name>_compare.png and .pdf per image into --out."""
     from contrastseg.errors import DataError
+    from contrastseg.files import check_output_dir
     from contrastseg.viz.compare import compare_checkpoints
     from contrastseg.viz.samples import parse_indices
 
     if images and indices is not None:
         raise DataError("pass either IMAGES or --indices, not both")
+    check_output_dir(out, "figures compare --out")
     written = compare_checkpoints(
         baseline,
         ours,
@@ -565,8 +597,10 @@ def figures_embeddings(
 
     Pixels are sampled per class from validation images. Checkpoints trained with contrast
     show their projection-head output, others the features the projection head would read."""
+    from contrastseg.files import check_output_file
     from contrastseg.viz.embeddings import embedding_figure
 
+    check_output_file(out, "figures embeddings --out")
     written = embedding_figure(checkpoints, out, per_class, images, seed, split, device, data_root)
     typer.echo("wrote " + ", ".join(str(p) for p in written))
 

@@ -35,7 +35,7 @@ import torch
 
 from contrastseg.digest import sealed
 from contrastseg.errors import CheckpointError
-from contrastseg.files import atomic_write
+from contrastseg.files import atomic_write, check_output_file
 from contrastseg.safe_load import first_line, load_weights_only
 
 # The ``format_version`` of the contrastseg checkpoints written here; the one that
@@ -518,8 +518,9 @@ def eval_overrides(layout: Layout) -> list[str]:
 
 def convert_file(src: Path, out: Path) -> Conversion:
     """Convert the released file ``src``; write a contrastseg checkpoint (segmenters) or a
-    backbone weights file (ImageNet weights) to ``out``."""
-    src, out = Path(src), Path(out)
+    backbone weights file (ImageNet weights) to ``out`` (refused at once when ``out`` is a folder
+    or lies under a file)."""
+    src, out = Path(src), check_output_file(out, "convert OUT")
     conversion = convert_state(read_released(src), str(src))
     if conversion.layout.backbone_only:
         payload: dict[str, Any] = conversion.state
@@ -544,7 +545,6 @@ def convert_file(src: Path, out: Path) -> Conversion:
             },
         )
         payload = sealed(payload)  # the content digest every checkpoint carries
-    out.parent.mkdir(parents=True, exist_ok=True)
 
     def save(tmp: Path) -> None:
         with open(tmp, "wb") as f:

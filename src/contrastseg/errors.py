@@ -18,6 +18,11 @@ class DataError(ContrastSegError):
     """A data set, image or mask is missing, unreadable or inconsistent."""
 
 
+class OutputError(ContrastSegError):
+    """An output path cannot be written: a folder where a file goes, a file where a folder goes,
+    or a path under a file."""
+
+
 class CheckpointError(ContrastSegError):
     """A checkpoint is missing, truncated or does not fit the model."""
 

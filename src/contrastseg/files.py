@@ -1,15 +1,18 @@
-"""Writing files so that a reader never sees a torn one; reading JSON-lines records."""
+"""Writing files so that a reader never sees a torn one, with the permissions any other new
+file gets; refusing output paths that cannot be written; reading JSON-lines records."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from contrastseg.errors import ContrastSegError
+from contrastseg.errors import ContrastSegError, OutputError
 
 T = TypeVar("T")
 
@@ -19,13 +22,19 @@ def atomic_write(path: Path, write: Callable[[Path], T]) -> T:
     ``path`` and sync the folder: ``path`` is then the old file or the new one whole. On any
     failure (an exception, a full disk) the temporary file is removed and ``path`` is untouched;
     a process killed mid-write leaves only the hidden ``.NAME.*.tmp`` file. Returns what
-    ``write`` returns."""
-    path = Path(path)
+    ``write`` returns.
+
+    A new file gets the permissions of any file the process creates, ``0o666 & ~umask`` (0644
+    under umask 022), not the 0600 of the temporary file; a replaced file keeps its own, as
+    editors do. Missing folders are created; a ``path`` that is a folder or lies under a file
+    raises ``OutputError`` (:func:`check_output_file`)."""
+    path = check_output_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         result = write(Path(tmp))
+        os.chmod(tmp, _mode_for(path))
         _fsync(tmp, os.O_RDONLY)
         os.replace(tmp, path)
     except BaseException:
@@ -33,6 +42,71 @@ def atomic_write(path: Path, write: Callable[[Path], T]) -> T:
         raise
     _fsync(path.parent, os.O_RDONLY)
     return result
+
+
+def _mode_for(path: Path) -> int:
+    """The permission bits ``path`` gets: those of the file it replaces, else a new file's."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~current_umask()
+
+
+def current_umask() -> int:
+    """The process's umask. Linux shows it in ``/proc/self/status`` (read without changing it,
+    so no other thread can create a file under a wrong mask); elsewhere it is set to 0o077 and
+    back at once, which at worst gives another thread's new file fewer permissions."""
+    try:
+        text = Path("/proc/self/status").read_text()
+        found = re.search(r"^Umask:\s*([0-7]+)$", text, re.MULTILINE)
+        if found:
+            return int(found.group(1), 8)
+    except OSError:
+        pass
+    old = os.umask(0o077)
+    os.umask(old)
+    return old
+
+
+def _first_existing(path: Path) -> Path | None:
+    """The nearest of ``path``'s parents that exists (as anything), None when none does."""
+    for parent in path.parents:
+        if os.path.lexists(parent):
+            return parent
+    return None
+
+
+def _check_parents(path: Path, what: str) -> None:
+    parent = _first_existing(path)
+    if parent is not None and not parent.is_dir():
+        raise OutputError(
+            f"{path}: {parent} is a file, not a folder, so {what} cannot be written under it; "
+            "give another path"
+        )
+
+
+def check_output_file(path: Path, what: str = "the output") -> Path:
+    """``path`` as a ``Path``, refused with ``OutputError`` (one line naming it) when a file
+    cannot be written there: it is a folder, or a parent of it is a file. Call it before the
+    work whose result goes there; ``atomic_write`` calls it too."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{path}: is a folder; {what} needs a file path, e.g. {path / 'NAME'}")
+    _check_parents(path, what)
+    return path
+
+
+def check_output_dir(path: Path, what: str = "the output") -> Path:
+    """``path`` as a ``Path``, refused with ``OutputError`` (one line naming it) when it cannot
+    be a folder: it is a file, or a parent of it is a file. Nothing is created."""
+    path = Path(path)
+    if os.path.lexists(path) and not path.is_dir():
+        raise OutputError(
+            f"{path}: is a file, not a folder; {what} needs a folder (created when the first "
+            "file is written): give another path or remove the file"
+        )
+    _check_parents(path, what)
+    return path
 
 
 def _fsync(path, flags: int) -> None:

@@ -25,7 +25,7 @@ from contrastseg.engine.evaluator import evaluate, format_table, write_eval_json
 from contrastseg.engine.inference_modes import infer_scores
 from contrastseg.engine.runtime import resolve_device
 from contrastseg.errors import CheckpointError, DataError, one_line
-from contrastseg.files import atomic_write
+from contrastseg.files import atomic_write, check_output_dir
 from contrastseg.models import Segmentor, build_model
 
 log = logging.getLogger("contrastseg")
@@ -198,8 +198,9 @@ class Skipped:
 
 class PredictResult(list):
     """The mask paths written (a list, in input order), plus ``skipped`` (inputs that got no
-    prediction, with the reason) and ``existing`` (inputs whose three outputs were already
-    there and were kept, with ``skip_existing``)."""
+    prediction, with the reason; each was named in a warning when it was skipped) and
+    ``existing`` (inputs whose three outputs were already there and were kept, with
+    ``skip_existing``)."""
 
     def __init__(self, out_dir: Path) -> None:
         super().__init__()
@@ -211,15 +212,18 @@ class PredictResult(list):
     def ok(self) -> bool:
         return not self.skipped
 
+    @property
+    def failed(self) -> bool:
+        """Every input was skipped: nothing written, nothing kept."""
+        return bool(self.skipped) and not self and not self.existing
+
     def summary(self) -> str:
-        """``done: 4 of 5 images (3 written to OUT, 1 already there); skipped 1:`` and one
-        indented ``PATH: reason`` line per skipped input."""
+        """``done: 4 of 5 images (3 written to OUT, 1 already there); skipped 1 (...)``: the
+        counts (the skipped inputs were each named, with the reason, in a warning)."""
         total = len(self) + len(self.existing) + len(self.skipped)
         head = f"done: {len(self) + len(self.existing)} of {total} images ({len(self)} written to "
         head += f"{self.out_dir}, {len(self.existing)} already there); skipped {len(self.skipped)}"
-        lines = [head + (":" if self.skipped else "")]
-        lines += [f"  {s.path}: {s.reason}" for s in self.skipped]
-        return "\n".join(lines)
+        return head + (" (each named in a warning above)" if self.skipped else "")
 
 
 def _one_line(err: Exception, path: Path) -> str:
@@ -239,19 +243,20 @@ def predict_files(
     """Run ``infer`` ((H, W, 3) uint8 RGB -> (H, W) uint8 class ids) on every image of
     ``images`` (files, and the images inside folders) and write its outputs into ``out_dir``.
 
-    An input that cannot be read or predicted (missing, corrupt, a size the model cannot take),
-    or whose outputs would overwrite another input's (same stem), is skipped with a one-line
-    warning and listed in the result's ``skipped``; with ``strict`` the first one raises
-    ``DataError`` instead. With ``skip_existing`` an input whose three outputs exist is not
-    predicted again (each output is written atomically, so existing files are whole).
+    An input that cannot be read or predicted (missing, corrupt, over the pixel limit of
+    :func:`contrastseg.data.pixel_limit`, a size the model cannot take), or whose outputs would
+    overwrite another input's (same stem), is skipped with a one-line warning and listed in the
+    result's ``skipped``; with ``strict`` the first one raises ``DataError`` instead. With
+    ``skip_existing`` an input whose three outputs exist is not predicted again (each output is
+    written atomically, so existing files are whole). ``out_dir`` is created with the first
+    output, so a run that writes nothing leaves none; a file there raises ``OutputError``.
     """
+    out_dir = check_output_dir(out_dir, "predict --out")
     files, missing = _collect_images(images)
     if strict and missing:
         raise DataError(f"{missing[0]}: no such file or folder")
     if not files and not missing:
         raise DataError(f"no images found in {[str(p) for p in images]}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     result = PredictResult(out_dir)
 
     def skip(path: Path, reason: str) -> None:
