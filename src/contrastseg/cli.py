@@ -483,7 +483,8 @@ def data_check(
     overrides: Overrides = None,
 ) -> None:
     """Read every image/label pair of a split: missing pairs, unreadable or truncated files,
-    wrong channels, size mismatches, label ids outside the classes; class frequencies.
+    wrong channels, files over data.max_image_pixels (not decoded), size mismatches, label ids
+    outside the classes; class frequencies.
     Exits with status 1 when anything is wrong."""
     from contrastseg import load_config
     from contrastseg.data.check import check_split, format_report
