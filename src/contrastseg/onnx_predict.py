@@ -7,39 +7,79 @@ needs no checkpoint and no config, only ``MODEL.onnx`` and ``MODEL.onnx.json``.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 
 from contrastseg.data import normalize
+from contrastseg.engine.checkpoint_parts import check_class_names, check_palette
 from contrastseg.engine.inference import PredictResult, predict_files
-from contrastseg.errors import CheckpointError
+from contrastseg.errors import CheckpointError, one_line
 from contrastseg.export import import_optional, sidecar_path
 
 SIDECAR_FIELDS = ("format", "input", "output", "class_names", "palette")
+SIDECAR_MAX_BYTES = 1 << 20  # 255 class names and colours take a few KiB
+
+
+def _field(path: Path, info: dict, key: str, kind: type, what: str):
+    value = info.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise CheckpointError(f"{path}: sidecar field {key!r} is {str(value)[:60]}, not {what}")
+    return value
+
+
+def _channels(path: Path, values, key: str) -> list[float]:
+    ok = isinstance(values, list) and len(values) == 3
+    ok = ok and all(type(v) in (int, float) and math.isfinite(v) for v in values)
+    if not ok or key == "std" and min(values) <= 0:
+        rule = "3 positive numbers" if key == "std" else "3 finite numbers"
+        raise CheckpointError(
+            f"{path}: sidecar field input.{key} = {str(values)[:60]} is not {rule}; export again"
+        )
+    return [float(v) for v in values]
 
 
 def load_sidecar(model_path: Path) -> dict:
-    """Read and check ``<model_path>.json``; a missing file or field raises CheckpointError."""
+    """Read and check ``<model_path>.json`` (at most :data:`SIDECAR_MAX_BYTES`): the format,
+    the input's name, mean and std, the output's name, the class names and one palette colour
+    per class. A missing file or a missing or malformed field raises ``CheckpointError`` naming
+    the file and the field."""
     path = sidecar_path(model_path)
     if not path.is_file():
         raise CheckpointError(
             f"{path}: sidecar not found; it is written by `contrastseg export` next to the model "
             "and holds the classes, palette and mean/std. Export the checkpoint again"
         )
+    if path.stat().st_size > SIDECAR_MAX_BYTES:
+        raise CheckpointError(
+            f"{path}: {path.stat().st_size} bytes, more than a sidecar's {SIDECAR_MAX_BYTES}; "
+            "export again"
+        )
     try:
-        info = json.loads(path.read_text())
+        info = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise CheckpointError(
-            f"{path}: cannot read the sidecar JSON ({err}); export again"
-        ) from err
+            f"{path}: cannot read the sidecar JSON ({one_line(err)}); export again"
+        ) from None
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path}: the sidecar is a JSON {type(info).__name__}, not an object")
     missing = [k for k in SIDECAR_FIELDS if k not in info]
     if missing:
         raise CheckpointError(f"{path}: sidecar lacks the fields {missing}; export again")
     if info["format"] != "onnx":
         raise CheckpointError(
-            f"{path}: describes a {info['format']!r} model, not ONNX; give the .onnx file"
+            f"{path}: describes a {str(info['format'])[:40]!r} model, not ONNX; give the .onnx file"
         )
+    inp = _field(path, info, "input", dict, "an object")
+    out = _field(path, info, "output", dict, "an object")
+    for part, key in (("input", inp), ("output", out)):
+        if not isinstance(key.get("name"), str):
+            raise CheckpointError(f"{path}: sidecar field {part}.name is not a string")
+    inp["mean"] = _channels(path, inp.get("mean"), "mean")
+    inp["std"] = _channels(path, inp.get("std"), "std")
+    names = check_class_names(path, info["class_names"])
+    info["palette"] = check_palette(path, info["palette"], len(names))
     return info
 
 

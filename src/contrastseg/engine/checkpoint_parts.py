@@ -61,11 +61,14 @@ def _stored_config(path: Path, tree: dict) -> ExperimentConfig:
         raise CheckpointError("; ".join(one_line(line) for line in str(err).splitlines())) from None
 
 
-def _class_names(path: Path, names: list) -> list[str]:
+def check_class_names(path: Path, names: Any) -> list[str]:
+    """``names`` when it is a list of 1 to :data:`MAX_CLASSES` strings; ``CheckpointError``
+    naming ``path`` otherwise."""
+    if not isinstance(names, list):
+        raise CheckpointError(f"{path}: 'class_names' is a {_kind(names)}, not a list of names")
     if not names or len(names) > MAX_CLASSES:
         raise CheckpointError(
-            f"{path}: its 'class_names' part lists {len(names)} classes; a checkpoint has 1 to "
-            f"{MAX_CLASSES}"
+            f"{path}: 'class_names' lists {len(names)} classes; a model has 1 to {MAX_CLASSES}"
         )
     for i, name in enumerate(names):
         if not isinstance(name, str):
@@ -75,7 +78,11 @@ def _class_names(path: Path, names: list) -> list[str]:
     return list(names)
 
 
-def _palette(path: Path, palette: list, num_classes: int) -> list[list[int]]:
+def check_palette(path: Path, palette: Any, num_classes: int) -> list[list[int]]:
+    """``palette`` when it is a list of at least ``num_classes`` ``[R, G, B]`` of integers
+    0..255; ``CheckpointError`` naming ``path`` otherwise."""
+    if not isinstance(palette, list):
+        raise CheckpointError(f"{path}: 'palette' is a {_kind(palette)}, not a list of colours")
     if len(palette) < num_classes:
         raise CheckpointError(
             f"{path}: its 'palette' has {len(palette)} colours for {num_classes} classes"
@@ -109,8 +116,9 @@ def check_model_parts(path: Path, state: dict) -> ModelParts:
     palette = _need(path, state, "palette", list, "a list of [R, G, B] colours")
     weights = _need(path, state, "model", dict, "the model's weights (name -> tensor)")
     config = _stored_config(path, tree)
-    names = _class_names(path, names)
-    return ModelParts(config, names, _palette(path, palette, len(names)), _weights(path, weights))
+    names = check_class_names(path, names)
+    palette = check_palette(path, palette, len(names))
+    return ModelParts(config, names, palette, _weights(path, weights))
 
 
 def _rng(path: Path, rng: Any, where: str) -> None:
