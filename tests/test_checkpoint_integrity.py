@@ -88,8 +88,9 @@ def _commands(run: dict, path: Path, out: Path) -> dict[str, tuple[str, ...]]:
     resumed = out.parent / f"resume_{path.stem}"
     (resumed / "checkpoints").mkdir(parents=True, exist_ok=True)
     shutil.copy(path, resumed / "checkpoints" / "iter_0000002.pt")
+    config = str(run["config"])
     return {
-        "eval": ("eval", str(run["config"]), "--checkpoint", str(path), "--out", str(out / "e.json")),
+        "eval": ("eval", config, "--checkpoint", str(path), "--out", str(out / "e.json")),
         "predict": ("predict", str(run["images"]), "--checkpoint", str(path), "--out", str(out)),
         "export": ("export", str(path), "--format", "torchscript", "--out", str(out / "m.pt")),
         "resume": ("train", str(run["config"]), "--resume", "--set", "train.iters=4",

@@ -95,7 +95,7 @@ def test_cli_prints_table_and_exit_status(tmp_path, run_cli, capsys):
 
     bad = _path(root, CS, "val", "frankfurt_000000_000294")
     bad.write_bytes(bad.read_bytes()[:100])
-    assert run_cli("data", "check", str(config), "--split", "val") == 1
+    assert run_cli("data", "check", str(config), "--split", "val") == 2
     out = capsys.readouterr().out
     assert "1 problem(s)" in out and str(bad) in out and "truncated" in out
 

@@ -298,7 +298,7 @@ def test_data_check_names_each_bad_file(tmp_path, config_file, run_cli, capsys):
     deep_mask = root / "masks" / "s2.png"
     Image.fromarray(np.full(SIZE, 2, np.uint16)).save(deep_mask)  # 16-bit ids: fine
     argv = ["data", "check", str(config_file), "--split", "train", *folder_args(root, tmp_path)]
-    assert run_cli(*argv) == 1
+    assert run_cli(*argv) == 2
     out = capsys.readouterr().out
     assert "4 samples checked, 4 problem(s)" in out
     assert f"  too large  {png_bomb}: image header claims 100000 x 100000 = " in out
@@ -310,7 +310,7 @@ def test_data_check_names_each_bad_file(tmp_path, config_file, run_cli, capsys):
     # The limit of the config reaches data check: a lower one refuses the valid files too.
     make_folder(tmp_path / "ok")
     low = [*folder_args(tmp_path / "ok", tmp_path), "--set", "data.max_image_pixels=1000"]
-    assert run_cli("data", "check", str(config_file), "--split", "train", *low) == 1
+    assert run_cli("data", "check", str(config_file), "--split", "train", *low) == 2
     assert "32 x 32 = 1,024 pixels, over the limit of 1,000 pixels" in capsys.readouterr().out
 
 

@@ -16,6 +16,7 @@ FLOORS: list[set[str]] = [
         "errors",
         "files",
         "safe_load",
+        "digest",
         "checks",
         "randomness",
         "precision",

@@ -1,5 +1,5 @@
 """Prediction that keeps going: every output is written atomically, an unreadable input is
-skipped with a one-line warning and counted in the summary (exit status 1), `--strict` stops at
+skipped with a one-line warning and counted in the summary (then one error line, exit status 2), `--strict` stops at
 the first one, and `--skip-existing` does not redo finished outputs. PyTorch and ONNX paths."""
 
 import json
@@ -108,8 +108,14 @@ def test_cli_summary_exit_status_strict_and_skip_existing(
 ):
     out = tmp_path / "out"
     with caplog.at_level(logging.WARNING, logger="contrastseg"):
-        assert run_cli(*cli_args(models, kind, [folder], out)) == 1
-    printed = capsys.readouterr().out
+        assert run_cli(*cli_args(models, kind, [folder], out)) == 2
+    captured = capsys.readouterr()
+    printed = captured.out
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: predict: 1 input(s) could not be predicted (each is named in a warning "
+        f"above); the other 2 are in {out}"
+    ]
     assert f"done: 2 of 3 images (2 written to {out}, 0 already there); skipped 1 (" in printed
     assert "b.png" not in printed  # named once, in the warning
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -120,7 +126,7 @@ def test_cli_summary_exit_status_strict_and_skip_existing(
     # --skip-existing: the finished outputs are kept as they are, the broken file is met again.
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     (out / "c_mask.png").unlink()  # as if the first run had died before c's mask
-    assert run_cli(*cli_args(models, kind, [folder], out, "--skip-existing")) == 1
+    assert run_cli(*cli_args(models, kind, [folder], out, "--skip-existing")) == 2
     printed = capsys.readouterr().out
     assert f"done: 2 of 3 images (1 written to {out}, 1 already there); skipped 1 (" in printed
     after = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}

@@ -169,8 +169,8 @@ def predict(
 ) -> None:
     """Colour-coded masks, overlays and label-id PNGs for images. Each file is written
     atomically; an unreadable image is skipped with a warning, and the run ends with a summary
-    and exit status 1 when any was skipped, 2 when every one was (the --out folder is then not
-    created)."""
+    and, when any was skipped, one error line and exit status 2 (when every one was, the --out
+    folder is not created)."""
     from contrastseg.data.fileio import pixel_limit
     from contrastseg.errors import ConfigError, DataError
     from contrastseg.files import check_output_dir
@@ -200,8 +200,11 @@ def predict(
             f"named in a warning above); nothing was written to {out}"
         )
     typer.echo(result.summary())
-    if not result.ok:
-        raise typer.Exit(1)
+    if not result.ok:  # bad input, like every other: status 2 (1 means a bug)
+        raise DataError(
+            f"predict: {len(result.skipped)} input(s) could not be predicted (each is named in "
+            f"a warning above); the other {len(result) + len(result.existing)} are in {out}"
+        )
 
 
 @app.command("export")
@@ -485,19 +488,24 @@ def data_check(
     """Read every image/label pair of a split: missing pairs, unreadable or truncated files,
     wrong channels, files over data.max_image_pixels (not decoded), size mismatches, label ids
     outside the classes; class frequencies.
-    Exits with status 1 when anything is wrong."""
+    When anything is wrong, ends with one error line and exit status 2."""
     from contrastseg import load_config
     from contrastseg.data.check import check_split, format_report
+    from contrastseg.errors import DataError
 
     cfg = load_config(config, overrides or [])
     splits = split or list(dict.fromkeys([cfg.data.train_split, cfg.data.val_split]))
-    broken = False
+    broken = []
     for name in splits:
         report = check_split(cfg, name, limit=limit, workers=workers)
         typer.echo(format_report(report))
-        broken = broken or not report.ok
-    if broken:
-        raise typer.Exit(1)
+        if not report.ok:
+            broken.append(name)
+    if broken:  # bad input, like every other: status 2 (1 means a bug)
+        raise DataError(
+            f"data check: split(s) {', '.join(broken)} of {config} have broken files (listed "
+            "above with their kind and path)"
+        )
 
 
 @bench_app.command("data")
