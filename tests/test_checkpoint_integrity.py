@@ -352,3 +352,52 @@ def test_resume_names_a_missing_or_malformed_part(run, tmp_path, run_cli, capsys
     path = _resaved(run["checkpoint"], tmp_path / "part.pt", unsealed)
     line = _refused(run_cli, capsys, _commands(run, path, tmp_path / "out")["resume"], needle)
     assert "iter_0000002.pt" in line, line
+
+
+# --- structures no walk survives -----------------------------------------------------------
+def _doubling(levels: int) -> list:
+    """``levels`` lists, each holding the previous one twice: 2^levels values as a tree."""
+    value: list = [0]
+    for _ in range(levels):
+        value = [value, value]
+    return value
+
+
+def _self_holding() -> list:
+    value: list = [1]
+    value.append(value)
+    return value
+
+
+def _deep(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    "where, bomb, needle",
+    [
+        ("config", _doubling(60), "expand to more than 1,000,000"),
+        ("model", _self_holding(), "contains itself"),
+        ("extra", _deep(200), "nest more than 64 deep"),
+        ("digest", _doubling(40), "expand to more than"),
+    ],
+)
+def test_a_pickle_that_expands_or_cycles_is_refused_at_once(
+    run, tmp_path, run_cli, capsys, where, bomb, needle
+):
+    """Shared references make a small file hold 2^60 values, or a list hold itself: the
+    digest, the config check and every error message would walk it for ever. Refused before any
+    walk, in eval and checkpoint upgrade, naming the file."""
+    path = _resaved(run["checkpoint"], tmp_path / "bomb.pt", lambda s: s.__setitem__(where, bomb))
+    assert path.stat().st_size < 10 * run["checkpoint"].stat().st_size
+    out = tmp_path / "out"
+    for argv in (
+        ("eval", str(run["config"]), "--checkpoint", str(path), "--out", str(out / "e.json")),
+        ("checkpoint", "upgrade", str(path), str(out / "new.pt")),
+    ):
+        line = _refused(run_cli, capsys, argv, needle)
+        assert "bomb.pt: not a checkpoint" in line, line
+    assert not out.exists()

@@ -4,7 +4,9 @@ instead of used.
 
 The digest covers the checkpoint's contents, not its bytes: dict keys in their order, the type
 of every value, numbers exactly (floats by their 8 bytes), strings as UTF-8, and each tensor's
-dtype, shape and element bytes (row-major; a view hashes like its copy). The state-dict version
+dtype, shape and the SHA-256 of its element bytes (row-major; a view hashes like its copy).
+Files are read through :func:`contrastseg.safe_load.load_weights_only`, which bounds how far
+their values nest and expand, so the walk here is never deep or long. The state-dict version
 ``_metadata`` that torch attaches to ``state_dict()`` results is not covered. The same contents
 give the same digest on any machine and after any number of save/load round trips.
 """
@@ -26,14 +28,23 @@ class Unhashable(TypeError):
     """A value of a type a checkpoint does not hold; its place is in the message."""
 
 
-def _feed(h: Any, obj: Any, where: str) -> None:
+def _tensor_record(t: torch.Tensor, where: str) -> bytes:
+    """A tensor's dtype, shape and the SHA-256 of its row-major element bytes."""
+    t = t.detach().to("cpu")
+    if t.layout != torch.strided or t.is_quantized:
+        raise Unhashable(f"{where}: a {t.layout} tensor cannot be digested")
+    data = hashlib.sha256()
+    if t.numel():
+        data.update(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+    return b"T" + str(t.dtype).encode() + repr(tuple(t.shape)).encode() + data.digest()
+
+
+def _feed(h: Any, obj: Any, where: str, seen: dict[int, bytes]) -> None:
     if isinstance(obj, torch.Tensor):
-        t = obj.detach().to("cpu")
-        if t.layout != torch.strided or t.is_quantized:
-            raise Unhashable(f"{where}: a {t.layout} tensor cannot be digested")
-        h.update(b"T" + str(t.dtype).encode() + repr(tuple(t.shape)).encode() + b";")
-        if t.numel():
-            h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        # a tensor referenced in several places (a shared generator state) is hashed once
+        if id(obj) not in seen:
+            seen[id(obj)] = _tensor_record(obj, where)
+        h.update(seen[id(obj)])
     elif obj is None:
         h.update(b"N")
     elif type(obj) is bool:
@@ -56,12 +67,12 @@ def _feed(h: Any, obj: Any, where: str) -> None:
     elif isinstance(obj, dict):
         h.update(b"D" + struct.pack("<Q", len(obj)))
         for key, value in obj.items():
-            _feed(h, key, f"{where} (a key)")
-            _feed(h, value, f"{where}[{key!r}]")
+            _feed(h, key, f"{where} (a key)", seen)
+            _feed(h, value, f"{where}[{key!r}]", seen)
     elif isinstance(obj, (list, tuple)):  # torch.Size is a tuple
         h.update((b"L" if isinstance(obj, list) else b"U") + struct.pack("<Q", len(obj)))
         for i, value in enumerate(obj):
-            _feed(h, value, f"{where}[{i}]")
+            _feed(h, value, f"{where}[{i}]", seen)
     else:
         raise Unhashable(f"{where}: a {type(obj).__qualname__} cannot be digested")
 
@@ -70,7 +81,7 @@ def content_digest(state: dict) -> str:
     """``"sha256:<hex>"`` of every entry of ``state`` but :data:`DIGEST_KEY` (see the module
     docstring); ``Unhashable`` names the place of a value of another type."""
     h = hashlib.sha256()
-    _feed(h, {k: v for k, v in state.items() if k != DIGEST_KEY}, "checkpoint")
+    _feed(h, {k: v for k, v in state.items() if k != DIGEST_KEY}, "checkpoint", {})
     return _PREFIX + h.hexdigest()
 
 
