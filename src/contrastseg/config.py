@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from contrastseg.config_checks import check_loaded_config
 from contrastseg.datasets_table import DATA_SET_NAMES, DATA_SETS, MAX_IMAGE_PIXELS
 from contrastseg.errors import ConfigError
+from contrastseg.files import atomic_write_text
 from contrastseg.model_table import BACKBONE_NAMES
 from contrastseg.yaml_io import load_yaml_text, read_yaml_file
 
@@ -713,5 +714,4 @@ def show_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def save_config(cfg: ExperimentConfig, path: Path) -> None:
     """Write the resolved config as YAML."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(format_config(cfg))
+    atomic_write_text(path, format_config(cfg))

@@ -44,6 +44,12 @@ def atomic_write(path: Path, write: Callable[[Path], T]) -> T:
     return result
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` with :func:`atomic_write`: the old file or the new one
+    whole, never a torn one."""
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
 def _mode_for(path: Path) -> int:
     """The permission bits ``path`` gets: those of the file it replaces, else a new file's."""
     try:

@@ -23,6 +23,7 @@ from typing import Any
 from contrastseg.config import ExperimentConfig, flatten
 from contrastseg.datasets_table import DATA_SETS
 from contrastseg.errors import ContrastSegError
+from contrastseg.files import atomic_write_text
 from contrastseg.model_table import BACKBONES, HEADS
 from contrastseg.rundir import RunRecord
 
@@ -612,5 +613,4 @@ def write_report(
 
 
 def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+    atomic_write_text(path, text)

@@ -14,6 +14,7 @@ from contrastseg.config import EvalConfig
 from contrastseg.distributed import all_reduce_sum
 from contrastseg.engine.inference_modes import infer_scores
 from contrastseg.engine.metrics import ConfusionMatrix
+from contrastseg.files import atomic_write_text
 from contrastseg.models import Segmentor
 
 
@@ -112,5 +113,4 @@ def write_eval_json(metrics: dict, class_names: list[str], path: Path, **extra) 
     out = {k: v for k, v in metrics.items()}
     out["class_names"] = list(class_names)
     out.update(extra)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2))
+    atomic_write_text(path, json.dumps(out, indent=2))

@@ -41,6 +41,7 @@ from contrastseg.errors import (
     TrainingInterrupted,
     one_line,
 )
+from contrastseg.files import atomic_write_text
 from contrastseg.losses import LossSet
 from contrastseg.models import build_model
 from contrastseg.precision import AMP_DTYPES
@@ -579,5 +580,5 @@ def open_metrics_log(path: Path, iteration: int):
                 continue
             if record.get("iter", 0) <= iteration:
                 keep.append(line)
-        path.write_text("".join(line + "\n" for line in keep))
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
     return path.open("a")
