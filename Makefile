@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-contrast test test-kernels lint format clean lock
+.PHONY: demo demo-contrast test test-kernels fuzz lint format clean lock
 
 # requirements.lock pins every runtime and dev dependency; `make lock` regenerates it (README).
 $(STAMP): pyproject.toml requirements.lock
@@ -46,6 +46,21 @@ test-kernels: $(STAMP)
 	@echo "numerics-sensitive tests under each CPU kernel: $(KERNELS)"
 	$(PYTEST) $(foreach k,$(KERNELS),--tx popen//env:ATEN_CPU_CAPABILITY=$(k)) --dist each \
 	  -m "numerics and not serial" $$($(BIN)/python tests/numerics.py)
+
+# `make fuzz`: the fuzz suite of tests/test_fuzz.py at full size (docs/fuzzing.md): about 1,100
+# generated configs, checkpoints, payloads, images, label maps, split lists, command lines and
+# special files through the real commands (`make test` runs a small fixed subset of the same
+# tests), each case's outcome recorded in runs/fuzz/outcomes.jsonl, then the table of outcomes
+# printed and written to runs/fuzz/table.md; the inputs of failing cases are kept in
+# runs/fuzz/failures/. Exits with pytest's status, after the table.
+FUZZ_EXAMPLES ?= 100
+fuzz: $(STAMP)
+	rm -rf runs/fuzz
+	mkdir -p runs/fuzz
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_RECORD=runs/fuzz/outcomes.jsonl FUZZ_KEEP=runs/fuzz/failures \
+	  $(PYTEST) -n $(JOBS) tests/test_fuzz.py; status=$$?; \
+	  $(BIN)/python scripts/fuzz_table.py runs/fuzz/outcomes.jsonl --out runs/fuzz/table.md; \
+	  exit $$status
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check src tests examples scripts
