@@ -79,6 +79,18 @@ def test_bare_command_prints_the_help_with_status_0(argv):
     assert "Traceback" not in out + err and "Error" not in out + err
 
 
+def test_an_error_of_several_lines_is_printed_as_one_error_line(run_cli, capsys, tmp_path):
+    """Every invalid key of a config is named, on the one error line (joined with "; ")."""
+    config = tmp_path / "bad.yaml"
+    config.write_text("train:\n  iters: -1\n  batch_size: x\nfoo: 1\n")
+    assert run_cli("config", "show", str(config)) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    for culprit in ("'train.iters' = -1", "'train.batch_size' = 'x'", "unknown key 'foo'"):
+        assert culprit in lines[0], lines
+    assert lines[0].count(str(config)) == 3 and "; " in lines[0], lines
+
+
 def test_internal_error_is_one_line_naming_it_and_the_traceback_file(
     run_cli, monkeypatch, capsys, tmp_path
 ):

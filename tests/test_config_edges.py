@@ -5,9 +5,12 @@ within 2 s, exit status 2 from `config show`, `train` and `eval`."""
 from __future__ import annotations
 
 import codecs
+import contextlib
+import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import types
 import typing
@@ -211,6 +214,49 @@ def test_aliases_and_a_utf8_byte_order_mark_still_work(tmp_path):
     path.write_bytes(codecs.BOM_UTF8 + text.encode())
     cfg = load_config(path)
     assert cfg.data.crop_size == cfg.eval.crop_size == cfg.eval.stride == (64, 64)
+
+
+def _open_and_close(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+
+@pytest.mark.parametrize("kind", ["fifo", "loop", "long name", "device", "dangling"])
+def test_config_paths_that_are_no_regular_file_are_refused_at_once(tmp_path, kind):
+    """A FIFO would block the read forever, /dev/zero never end; a symlink loop or an over-long
+    name is an OSError of its own: each is one line naming the path, and so is a base: of that
+    kind."""
+    path = tmp_path / ("x" * 300 if kind == "long name" else "cfg.yaml")
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "loop":
+        os.symlink(path, path)
+    elif kind == "device":
+        os.symlink("/dev/zero", path)
+    elif kind == "dangling":
+        os.symlink(tmp_path / "nowhere.yaml", path)
+    based = tmp_path / "based.yaml"
+    based.write_text(f"base: {path.name}\n")
+    for config in (path, based):
+        # were the FIFO opened for reading, this writer would end the wait (an empty read)
+        unblock = threading.Timer(10, _open_and_close, [path])
+        unblock.start()
+        try:
+            with pytest.raises(ConfigError) as err:
+                load_config(config)
+        finally:
+            unblock.cancel()
+        msg = str(err.value)
+        assert msg.startswith(str(path.parent)) and path.name in msg, msg
+        assert len(msg.splitlines()) == 1, msg
+
+
+@pytest.mark.parametrize("base", ["[a.yaml]", "5", "''", "{x: 1}"])
+def test_a_base_that_is_no_file_name_is_refused_with_the_key(tmp_path, base):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(f"base: {base}\n")
+    with pytest.raises(ConfigError, match=r"key 'base' = .*expected the name of a YAML file"):
+        load_config(path)
 
 
 def test_override_values_are_bounded_too():

@@ -644,6 +644,14 @@ def _usage_error_lines(err: BaseException) -> list[str]:
     return lines
 
 
+def _error_line(err: BaseException) -> str:
+    """The message of a contrastseg error as the one line after ``error:``: a message of several
+    lines (every invalid key of a config, every refused key of a resumed run) has its lines
+    joined with "; ", and every run of whitespace made one space."""
+    lines = [one_line(line) for line in str(err).splitlines()]
+    return "; ".join(line for line in lines if line) or type(err).__name__
+
+
 def _internal_error(err: BaseException) -> None:
     """One line naming an unexpected exception and the file holding its traceback, exit 1.
     CONTRASTSEG_TRACEBACK=1 prints the traceback instead."""
@@ -677,9 +685,10 @@ def _internal_error(err: BaseException) -> None:
 
 def main() -> None:
     """Entry point. contrastseg's own errors and usage errors (whatever typer/click release
-    raises them) print one ``error:`` line and exit with status 2; bare ``contrastseg`` or a bare
-    command group prints its help and exits with 0; anything unexpected prints one line naming
-    it and where its traceback was written, and exits with 1."""
+    raises them) print one ``error:`` line (a message of several lines joined with "; ") and
+    exit with status 2; bare ``contrastseg`` or a bare command group prints its help and exits
+    with 0; anything unexpected prints one line naming it and where its traceback was written,
+    and exits with 1."""
     _setup_logging()
     try:
         code = app(standalone_mode=False)  # a command's typer.Exit(n) comes back as n here
@@ -689,7 +698,7 @@ def main() -> None:
         typer.secho(str(err), fg="yellow", err=True)
         sys.exit(128 + err.signum)
     except ContrastSegError as err:
-        typer.secho(f"error: {err}", fg="red", err=True)
+        typer.secho(f"error: {_error_line(err)}", fg="red", err=True)
         sys.exit(2)
     except SystemExit:
         raise

@@ -8,6 +8,7 @@ recursively. The base itself may not have a ``base:``. Overrides from the comman
 from __future__ import annotations
 
 import difflib
+import stat
 from pathlib import Path
 from typing import Any, Literal
 
@@ -522,12 +523,21 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    if path.is_dir():
+    try:
+        mode = path.stat().st_mode  # follows links; a loop or an over-long name is an OSError
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, ValueError) as err:  # ValueError: a NUL byte in the path
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise ConfigError(f"{path}: cannot be read as a config file: {reason}") from None
+    if stat.S_ISDIR(mode):
         inside = [p for p in sorted(path.glob("*.yaml")) if not p.name.startswith("_")]
         example = f", e.g. {inside[0]}" if inside else ""
         raise ConfigError(f"{path}: is a folder, not a config file; give a YAML file{example}")
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+    if not stat.S_ISREG(mode):  # a FIFO would block the read, a device never end
+        raise ConfigError(
+            f"{path}: is not a regular file (a FIFO, socket or device), not a config file"
+        )
     # UTF-8 only, with limits on size, nesting and alias expansion (contrastseg/yaml_io.py)
     data = read_yaml_file(path)
     if data is None:
@@ -672,7 +682,13 @@ def load_config(
         tree = _read_yaml(path)
         base = tree.pop("base", None)
         if base is not None:
-            base_path = (path.parent / str(base)).resolve()
+            if not isinstance(base, str) or not base:
+                raise ConfigError(
+                    f"{path}: key 'base' = {base!r}: expected the name of a YAML file (relative "
+                    "to this one)"
+                )
+            # as written (links not followed): a refusal names the path the config gives
+            base_path = (path.parent / base).absolute()
             base_tree = _read_yaml(base_path)
             if "base" in base_tree:
                 raise ConfigError(
