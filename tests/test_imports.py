@@ -27,7 +27,7 @@ FLOORS: list[set[str]] = [
         "config_checks",
     },
     {"config"},
-    {"data", "models", "losses", "contrast"},
+    {"data", "models", "losses", "contrast", "prototype"},
     {"engine", "rundir"},
     {"viz", "report", "export", "onnx_predict", "convert", "benchmarks", "workflow"},
     {"cli", "__main__"},

@@ -27,6 +27,7 @@ _API = {
     "export_checkpoint": "contrastseg.export",
     "predict_onnx": "contrastseg.onnx_predict",
     "PixelContrast": "contrastseg.contrast",
+    "PrototypeClassifier": "contrastseg.prototype",
     "Segmentor": "contrastseg.models",
     "build_model": "contrastseg.models",
     "ContrastSegError": "contrastseg.errors",
