@@ -290,6 +290,8 @@ PRELOAD = (
     "contrastseg.rundir",
     "contrastseg.viz.embeddings",
     "contrastseg.viz.compare",
+    "contrastseg.onnx_predict",
+    "onnxruntime",
     "timm",
 )
 
@@ -1089,3 +1091,80 @@ def save_claiming(dst: str, how: str) -> None:
         at = data.rfind(b"PK\x01\x02", 0, data.rfind(name))
         data[at + 20 : at + 28] = (1 << 31).to_bytes(4, "little") * 2
         Path(dst).write_bytes(bytes(data))
+
+
+def onnx_model(kind: str, classes: int = 3) -> bytes:
+    """A tiny ONNX model as ``contrastseg export`` names its input and output (``image`` ->
+    ``logits``): a 1x1 convolution of the image to ``classes`` channels, dynamic batch, height
+    and width; ``kind`` makes it odd: ``more outputs`` (classes + 2 channels), ``one output``,
+    ``nan weights``, ``inf weights``, ``pooled`` (1x1 logits whatever the image), ``rank 3``
+    (no class axis), ``int64 ids`` (argmax inside), ``half the size`` (strided), ``other
+    input name``, ``two inputs``, ``external data`` (its weights in ``/dev/zero``)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    k = {"more outputs": classes + 2, "one output": 1}.get(kind, classes)
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((k, 3, 1, 1)).astype(np.float32)
+    if kind == "nan weights":
+        weight[:] = np.nan
+    elif kind == "inf weights":
+        weight[0, 0, 0, 0] = np.inf
+    init = numpy_helper.from_array(weight, "w")
+    name = "pixels" if kind == "other input name" else "image"
+    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["b", 3, "h", "w"])]
+    post = kind in ("pooled", "rank 3", "int64 ids")  # a node after the convolution
+    strides = [2, 2] if kind == "half the size" else [1, 1]
+    conv = helper.make_node("Conv", [name, "w"], ["conv" if post else "logits"], strides=strides)
+    nodes = [conv]
+    out_type, out_shape = TensorProto.FLOAT, ["b", k, "h", "w"]
+    if kind == "pooled":
+        nodes.append(helper.make_node("GlobalAveragePool", ["conv"], ["logits"]))
+        out_shape = ["b", k, 1, 1]
+    elif kind == "rank 3":
+        nodes.append(helper.make_node("ReduceMax", ["conv"], ["logits"], keepdims=0, axes=[1]))
+        out_shape = ["b", "h", "w"]
+    elif kind == "int64 ids":
+        nodes.append(helper.make_node("ArgMax", ["conv"], ["logits"], axis=1, keepdims=1))
+        out_type, out_shape = TensorProto.INT64, ["b", 1, "h", "w"]
+    if kind == "two inputs":
+        inputs.append(helper.make_tensor_value_info("extra", TensorProto.FLOAT, ["b"]))
+    output = helper.make_tensor_value_info("logits", out_type, out_shape)
+    graph = helper.make_graph(nodes, "tiny", inputs, [output], [init])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    if kind == "external data":
+        tensor = model.graph.initializer[0]
+        tensor.ClearField("raw_data")
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (
+            ("location", "/dev/zero"),
+            ("offset", "0"),
+            ("length", str(weight.nbytes)),
+        ):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+    return model.SerializeToString()
+
+
+def onnx_sidecar(classes: list[str], palette: list[list[int]]) -> dict:
+    """The sidecar ``contrastseg export`` writes beside an ONNX model, for :func:`onnx_model`."""
+    return {
+        "sidecar_version": 1,
+        "format": "onnx",
+        "file": "m.onnx",
+        "opset": 17,
+        "input": {
+            "name": "image",
+            "dtype": "float32",
+            "shape": ["batch", 3, "height", "width"],
+            "channels": "RGB",
+            "mean": [0.485, 0.456, 0.406],
+            "std": [0.229, 0.224, 0.225],
+        },
+        "output": {"name": "logits", "dtype": "float32", "shape": ["batch", 3, "height", "width"]},
+        "dynamic_axes": {"batch": 0, "height": 2, "width": 3},
+        "num_classes": len(classes),
+        "class_names": list(classes),
+        "palette": palette,
+    }

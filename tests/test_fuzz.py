@@ -1563,7 +1563,24 @@ VALUES_BY_KIND = {
         "data",
     ],
     "int": ["1", "0", "-1", "2", "abc", "1e3", "99999999999999999999", "", "1.5", "٣"],
-    "str": ["cpu", "torchscript", "onnx", "val", "train", "all", "1", "", "garbage", "ü"],
+    "str": [
+        "cpu",
+        "torchscript",
+        "onnx",
+        "val",
+        "train",
+        "all",
+        "1",
+        "",
+        "garbage",
+        "ü",
+        "../splits/val",
+        "val/../val",
+        "/etc/passwd",
+        "val\n",
+        "best",
+        "cuda:99",
+    ],
 }
 SET_ITEMS = [
     "train.iters=1",
@@ -2033,3 +2050,326 @@ def test_console_script_agrees_with_the_forked_run(base, tmp_path):
         ours, theirs = (_errors(t, forked, spawned) for t in (run.stderr, done.stderr))
         assert ours == theirs, (argv, run.stderr, done.stderr)
         assert run.stdout == done.stdout, (argv, run.stdout, done.stdout)
+
+
+# ----------------------------------------------------------------------------- 10. ONNX models
+PALETTE = [[0, 0, 0], [128, 0, 0], [0, 128, 0]]
+# model kind -> expectation of predict --onnx with a valid sidecar
+ONNX_KINDS = {
+    "valid": "ok",
+    "one output": "refuse",  # one class of logits for a sidecar of three
+    "more outputs": "refuse",  # ids beyond the sidecar's classes and palette
+    "nan weights": "refuse",
+    "inf weights": "refuse",
+    "pooled": "refuse",  # 1x1 logits: labels of another size than the image
+    "rank 3": "refuse",
+    "int64 ids": "refuse",
+    "half the size": "refuse",
+    "other input name": "refuse",
+    "two inputs": "refuse",
+    "external data": "refuse",
+}
+DEEP_JSON = "[" * 200_000 + "]" * 200_000
+
+
+@st.composite
+def sidecar_mutations(draw):
+    """(what, the sidecar's bytes, expectation)."""
+    info = fuzzing.onnx_sidecar(list(CLASSES), PALETTE)
+    kind = draw(st.sampled_from(["none", "none", "field", "field", "field", "text"]))
+    if kind == "none":
+        return "a valid sidecar", json.dumps(info).encode(), "ok"
+    if kind == "field":
+        key = draw(
+            st.sampled_from(
+                [
+                    "format",
+                    "input",
+                    "output",
+                    "class_names",
+                    "palette",
+                    "input.name",
+                    "input.mean",
+                    "input.std",
+                    "output.name",
+                    "num_classes",
+                    "sidecar_version",
+                ]
+            )
+        )
+        value = draw(
+            st.sampled_from(
+                [
+                    "(removed)",
+                    None,
+                    0,
+                    -1,
+                    "x",
+                    "torchscript",
+                    [],
+                    {},
+                    [math.nan] * 3,
+                    [0.0, 0.0, 0.0],
+                    [1.0, 1.0],
+                    ["a", "b"],
+                    [[0, 0, 0]] * 2,
+                    [[300, 0, 0]] * 3,
+                    [f"c{i}" for i in range(300)],
+                    1e308,
+                    True,
+                ]
+            )
+        )
+        *parents, last = key.split(".")
+        node = info
+        for part in parents:
+            node = node[part]
+        if value == "(removed)":
+            node.pop(last)
+        else:
+            node[last] = value
+        informational = key in ("num_classes", "sidecar_version")
+        try:
+            text = json.dumps(info).encode()
+        except ValueError:  # NaN is written as NaN, which JSON readers may take
+            text = json.dumps(info, allow_nan=True).encode()
+        return f"sidecar {key} set to {value!r:.40}", text, "either" if informational else "refuse"
+    text = json.dumps(info)
+    op = draw(
+        st.sampled_from(
+            [
+                "truncated",
+                "bad byte",
+                "nested 200,000 deep",
+                "over 1 MiB",
+                "a list",
+                "empty",
+                "a BOM",
+                "NaN literals",
+                "duplicate keys",
+            ]
+        )
+    )
+    if op == "truncated":
+        at = draw(st.integers(0, len(text) - 1))
+        return f"sidecar truncated to {at} bytes", text[:at].encode(), "refuse"
+    if op == "bad byte":
+        at = draw(st.integers(0, len(text)))
+        return (
+            f"byte 0xff at offset {at} of the sidecar",
+            text[:at].encode() + b"\xff" + text[at:].encode(),
+            "refuse",
+        )
+    if op == "nested 200,000 deep":
+        info["extra"] = "@@"
+        return (
+            "a value nested 200,000 deep in the sidecar",
+            json.dumps(info).replace('"@@"', DEEP_JSON).encode(),
+            "either",
+        )
+    if op == "over 1 MiB":
+        info["padding"] = "x" * (1 << 20)
+        return "a sidecar of over 1 MiB", json.dumps(info).encode(), "refuse"
+    if op == "a list":
+        return "a sidecar holding a JSON list", b"[1, 2]", "refuse"
+    if op == "empty":
+        return "an empty sidecar", b"", "refuse"
+    if op == "a BOM":
+        return "a sidecar with a UTF-8 byte order mark", b"\xef\xbb\xbf" + text.encode(), "either"
+    if op == "NaN literals":
+        return "sidecar input.mean of NaN literals", text.replace("0.485", "NaN").encode(), "refuse"
+    return (
+        "a sidecar giving class_names twice",
+        text.replace('"palette"', '"class_names": [], "palette"', 1).encode(),
+        "either",
+    )
+
+
+def test_fuzz_onnx_models(base, tmp_path):
+    """``predict --onnx`` on odd ONNX models (more or fewer classes than the sidecar, NaN or
+    inf weights, logits of another size or rank, ids instead of logits, other inputs, weights
+    in /dev/zero, damaged bytes) and odd sidecars (fields missing or wrong, NaN, over 1 MiB,
+    nested 200,000 deep, truncated, not UTF-8)."""
+    fam = family("onnx models", tmp_path)
+
+    @fuzz_settings(1.0)
+    @given(st.data())
+    def case(data):
+        model_kind = data.draw(
+            st.sampled_from(["valid", "valid", "valid", *sorted(ONNX_KINDS), "damaged"])
+        )
+        what_sidecar, sidecar, sidecar_expect = data.draw(sidecar_mutations())
+        if model_kind == "damaged":
+            model = fuzzing.onnx_model("valid")
+            at = data.draw(st.integers(0, len(model) - 1))
+            cut = data.draw(st.booleans())
+            model = model[:at] if cut else model[:at] + bytes([model[at] ^ 0xFF]) + model[at + 1 :]
+            model_what = f"an ONNX model {'truncated to' if cut else 'inverted at byte'} {at}"
+            model_expect = "either"  # a flipped weight byte still loads
+        else:
+            model = fuzzing.onnx_model(model_kind)
+            model_what = f"an ONNX model: {model_kind}"
+            model_expect = ONNX_KINDS[model_kind]
+        expects = {model_expect, sidecar_expect}
+        expect = "refuse" if "refuse" in expects else "ok" if expects == {"ok"} else "either"
+        strict = data.draw(st.sampled_from([True, True, False]))
+
+        def make(work: Path) -> None:
+            (work / "m.onnx").write_bytes(model)
+            (work / "m.onnx.json").write_bytes(sidecar)
+            write_image(work / "img.png")
+
+        fam.run(
+            Case(
+                fam.name,
+                f"{model_what}; {what_sidecar}",
+                argv=["predict", "--onnx", "m.onnx", "img.png", "--out", "P"]
+                + (["--strict"] if strict else []),
+                make=make,
+                expect=expect,
+                culprits=("m.onnx", "m.onnx.json", "img.png"),
+                outputs=("P/*",),
+                validate=valid_predict({"img": SIZE}),
+                report_status=not strict,
+                timeout=FAST,
+            )
+        )
+
+    case()
+    fam.check()
+
+
+# ----------------------------------------------------------------------------- 11. run folders
+RUN_FILES = {  # file -> commands that read it
+    "runs/run/eval.json": {"report", "report best"},
+    "runs/run/metrics.jsonl": {"report", "report best", "resume"},
+    "runs/run/config.yaml": {"report", "report best", "resume"},
+    "runs/run/config_changes.jsonl": {"resume"},
+}
+
+
+@st.composite
+def run_file_mutations(draw, base: Base):
+    """(what, the file, its bytes (None: removed), expectation when read)."""
+    target = draw(st.sampled_from(sorted(RUN_FILES)))
+    original = (base.run / Path(target).name).read_bytes() if "changes" not in target else b""
+    op = draw(
+        st.sampled_from(
+            ["truncated", "bad byte", "nested deep", "empty", "removed", "garbage line", "values"]
+        )
+    )
+    if op == "truncated" and original:
+        at = draw(st.integers(0, len(original) - 1))
+        return f"{target} truncated to {at} bytes", target, original[:at], "refuse"
+    if op == "bad byte" and original:
+        at = draw(st.integers(0, len(original)))
+        data = original[:at] + b"\xff\xfe" + original[at:]
+        return f"{target}: bytes ff fe at offset {at}", target, data, "refuse"
+    if op == "nested deep":
+        depth = draw(st.sampled_from([100, 100_000]))
+        line = ("[" * depth + "]" * depth).encode()
+        data = line if target.endswith(".json") else original + line + b"\n"
+        return f"{target}: a value nested {depth} deep", target, data, "refuse"
+    if op == "empty":
+        expect = "refuse" if target.endswith((".json", ".yaml")) else "either"
+        return f"{target} empty", target, b"", expect
+    if op == "removed":
+        expect = "refuse" if target.endswith((".json", ".yaml")) else "either"
+        return f"{target} removed", target, None, expect
+    if op == "garbage line":
+        junk = draw(st.sampled_from([b"not json", b"{", b"\x00\x01", b'{"iter": "x"}', b"[]"]))
+        if target.endswith(".jsonl"):
+            return f"{target}: line {junk!r} appended", target, original + junk + b"\n", "refuse"
+        return f"{target} replaced by {junk!r}", target, junk, "refuse"
+    # values of the JSON
+    if target.endswith("eval.json"):
+        tree = json.loads(original)
+        field, value = draw(
+            st.sampled_from(
+                [
+                    ("mIoU", math.nan),
+                    ("mIoU", math.inf),
+                    ("mIoU", 1.5),
+                    ("mIoU", -0.1),
+                    ("mIoU", "0.5"),
+                    ("mIoU", None),
+                    ("mIoU", True),
+                    ("best", {"mIoU": math.nan}),
+                    ("best", 5),
+                    ("split", 7),
+                    ("mIoU", 0.5),
+                ]
+            )
+        )
+        tree[field] = value
+        ok = field == "mIoU" and value == 0.5 or field == "split"
+        return (
+            f"{target}: {field} = {value!r}",
+            target,
+            json.dumps(tree).encode(),
+            "either" if ok else "refuse",
+        )
+    if target.endswith("metrics.jsonl"):
+        value = draw(st.sampled_from([math.nan, -1.0, "x", 1e308, None, math.inf]))
+        lines = [json.loads(ln) for ln in original.decode().splitlines()]
+        for rec in lines:
+            rec["s_per_iter"] = value
+        data = "".join(json.dumps(rec) + "\n" for rec in lines).encode()
+        return (
+            f"{target}: every s_per_iter = {value!r}",
+            target,
+            data,
+            "either" if value == 1e308 else "refuse",
+        )
+    if target.endswith("config.yaml"):
+        new = json.loads(json.dumps(base.tree))
+        what, expect, _, raw = draw(tree_mutation(base.tree, new))
+        text = yaml.safe_dump(new, sort_keys=False, width=1 << 20)
+        if raw is not None:
+            text = text.replace(f"'{PLACEHOLDER}'", raw).replace(PLACEHOLDER, raw)
+        return f"{target}: {what}", target, text.encode(), expect
+    record = draw(
+        st.sampled_from([b'{"iteration": "x"}', b'{"iteration": 1, "changes": 5}', b"[1]"])
+    )
+    return f"{target}: record {record!r}", target, record + b"\n", "refuse"
+
+
+def test_fuzz_run_folders(base, tmp_path):
+    """A run folder's own files (eval.json, metrics.jsonl, config.yaml, config_changes.jsonl)
+    damaged -> ``report``, ``report --checkpoint best`` and ``train --resume``."""
+    fam = family("run folders", tmp_path)
+
+    @fuzz_settings(1.0)
+    @given(st.data())
+    def case(data):
+        what, target, raw, expect = data.draw(run_file_mutations(base))
+        command = data.draw(st.sampled_from(["report", "report", "report best", "resume"]))
+        if command not in RUN_FILES[target]:
+            expect = "ok"
+        if command == "report best" and expect != "refuse":
+            expect = "either"  # the run kept no best evaluation (train.eval_every is 0)
+
+        def make(work: Path) -> None:
+            base.copy_data(work)
+            run = base.copy_run(work)
+            shutil.copy(base.run / "checkpoints" / "iter_0000002.pt", run / "checkpoints")
+            if raw is None:
+                (work / target).unlink(missing_ok=True)
+            else:
+                (work / target).write_bytes(raw)
+
+        if command == "resume":
+            spec = dict(RESUME, outputs=("runs/run/checkpoints/iter_0000003.pt",))
+        else:
+            spec = dict(
+                argv=["report", "runs/run"]
+                + (["--checkpoint", "best"] if command == "report best" else []),
+                validate=valid_any,
+                timeout=FAST,
+            )
+        fam.run(
+            Case(fam.name, what, make=make, expect=expect, culprits=(target, "runs/run"), **spec)
+        )
+
+    case()
+    fam.check()
