@@ -41,6 +41,7 @@ DATA_SETS: dict[str, DataSetEntry] = {
         ),
         DataSetEntry("coco_stuff", "COCO-Stuff", "contrastseg.data.coco_stuff:CocoStuffSource"),
         DataSetEntry("camvid", "CamVid", "contrastseg.data.camvid:CamVidSource"),
+        DataSetEntry("ade20k", "ADE20K", "contrastseg.data.ade20k:ADE20KSource"),
     )
 }
 #: The allowed values of ``data.name``, in the order of the table.

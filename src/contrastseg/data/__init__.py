@@ -1,12 +1,13 @@
 """Data: the synthetic default data set, user folders, the benchmarks in their official
-layouts (Cityscapes, PASCAL-Context, COCO-Stuff, CamVid), integrity checks, joint transforms and
-the torch Dataset.
+layouts (Cityscapes, PASCAL-Context, COCO-Stuff, CamVid, ADE20K), integrity checks, joint
+transforms and the torch Dataset.
 
 Images are (H, W, 3) uint8 RGB arrays, masks (H, W) uint8 train ids with 255 = ignore.
 ``open_source(cfg.data, split)`` opens the source a config names (the data sets are registered
 in ``contrastseg.datasets_table``); every source that reads files is a ``PairedSource``.
 """
 
+from contrastseg.data.ade20k import ADE20K_CLASSES, ADE20KSource
 from contrastseg.data.build import (
     build_eval_dataset,
     build_source,
@@ -50,6 +51,7 @@ from contrastseg.data.transforms import (
 )
 
 __all__ = [
+    "ADE20K_CLASSES",
     "CAMVID_CLASSES",
     "CONTEXT59_CLASSES",
     "IGNORE_INDEX",
@@ -58,6 +60,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "MAX_IMAGE_PIXELS",
     "SYNTHETIC_CLASSES",
+    "ADE20KSource",
     "CamVidSource",
     "CheckReport",
     "CityscapesSource",
