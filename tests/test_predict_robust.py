@@ -1,6 +1,7 @@
 """Prediction that keeps going: every output is written atomically, an unreadable input is
-skipped with a one-line warning and counted in the summary (then one error line, exit status 2), `--strict` stops at
-the first one, and `--skip-existing` does not redo finished outputs. PyTorch and ONNX paths."""
+skipped with a one-line warning and counted in the summary (then one error line, exit status
+2), `--strict` stops at the first one, and `--skip-existing` does not redo finished outputs.
+PyTorch and ONNX paths."""
 
 import json
 import logging
