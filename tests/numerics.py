@@ -6,6 +6,7 @@ once. ``python tests/numerics.py`` prints the files that hold them (the Makefile
 NUMERIC_FILES = {
     "test_cpu_kernel.py",
     "test_contrast_parity.py",
+    "test_prototype_parity.py",
     "test_pixel_contrast.py",
     "test_contrast_module.py",
     "test_autograd_functions.py",
