@@ -213,7 +213,7 @@ class PrototypeClassifier(SeededModule):
 
     def forward(self, features: Tensor, labels: Tensor | None = None):
         """Logits ``(B, K, h, w)``; in training mode with labels a :class:`PrototypeOutput`."""
-        if not torch.jit.is_scripting():
+        if not (torch.jit.is_scripting() or torch.jit.is_tracing()):
             self._check_features(features)
         B, _, h, w = features.shape
         K, M = self.num_classes, self.num_prototypes
