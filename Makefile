@@ -47,13 +47,13 @@ test-kernels: $(STAMP)
 	$(PYTEST) $(foreach k,$(KERNELS),--tx popen//env:ATEN_CPU_CAPABILITY=$(k)) --dist each \
 	  -m "numerics and not serial" $$($(BIN)/python tests/numerics.py)
 
-# `make fuzz`: the fuzz suite of tests/test_fuzz.py at full size (docs/fuzzing.md): about 1,040
+# `make fuzz`: the fuzz suite of tests/test_fuzz.py at full size (docs/fuzzing.md): about 1,100
 # generated configs, checkpoints, payloads, images, label maps, split lists, command lines and
 # special files through the real commands (`make test` runs a small fixed subset of the same
 # tests), each case's outcome recorded in runs/fuzz/outcomes.jsonl, then the table of outcomes
 # printed and written to runs/fuzz/table.md; the inputs of failing cases are kept in
 # runs/fuzz/failures/. Exits with pytest's status, after the table.
-FUZZ_EXAMPLES ?= 80
+FUZZ_EXAMPLES ?= 90
 fuzz: $(STAMP)
 	rm -rf runs/fuzz
 	mkdir -p runs/fuzz

@@ -428,6 +428,8 @@ def _names_culprit(line: str, culprits: tuple[str, ...], work: Path) -> bool:
             with contextlib.suppress(OSError, ValueError, RuntimeError):  # RuntimeError: a loop
                 forms.add(str((work / culprit).resolve()))
         forms |= {repr(f)[1:-1] for f in list(forms)}  # as a repr shows it
+        # a newline in a name as a one-line message shows it (cli.main joins lines with "; ")
+        forms |= {f.replace("\n", sep) for f in list(forms) for sep in ("; ", " ")}
         if any(f and f in line for f in forms):
             return True
     return False
@@ -864,10 +866,12 @@ def mutate_checkpoint(src: str, dst: str, spec: tuple, seal: str) -> str:
     """Load ``src``, apply the mutation ``spec`` (see :func:`describe_mutation`), seal it
     (``sealed``: a content digest of the new contents, when the product writes digests;
     ``stale``: the original digest kept; ``none``: no digest) and torch.save it to ``dst``.
-    Returns how it was sealed."""
+    Returns how it was sealed, and whether the contents differ from the original's (a
+    reshape that keeps the shape changes nothing)."""
     import torch
 
     state = torch.load(src, map_location="cpu", weights_only=True)
+    original = torch.load(src, map_location="cpu", weights_only=True)
     op, *args = spec
     model = state.get("model")
     if op == "drop":
@@ -955,7 +959,7 @@ def mutate_checkpoint(src: str, dst: str, spec: tuple, seal: str) -> str:
     elif seal == "stale" and not had:
         seal = "none"
     torch.save(state, dst)
-    return seal
+    return seal, not _same(state, original)
 
 
 def _digest() -> Any:
