@@ -43,6 +43,7 @@ child, not the test session.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import fnmatch
 import hashlib
 import io
@@ -185,6 +186,9 @@ def _child_setup(cwd: Path, aux: Path) -> None:
     os.dup2(null, 0)
     os.close(null)
     _fresh_streams()
+    # pytest's faulthandler writes to its own copy of the terminal: a crash's stack goes to the
+    # case's stderr instead (a crash is classified by its signal)
+    faulthandler.enable(file=sys.stderr)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE, signal.SIGALRM):
         signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
     with contextlib.suppress(ValueError, OSError):

@@ -2384,3 +2384,56 @@ def test_fuzz_run_folders(base, tmp_path):
 
     case()
     fam.check()
+
+
+def test_the_harness_sees_hangs_crashes_tracebacks_and_payloads(tmp_path):
+    """The oracle itself: a child that blocks is killed and classified ``hang``, one killed by
+    a signal ``other``, cli.main's internal-error line ``traceback``, a marker ``executed``,
+    a success on an input to refuse ``silent``, a left temporary file ``leftover``."""
+    import signal
+    import time
+
+    def case(**kw) -> Case:
+        return Case("harness", "self-test", argv=[], make=lambda work: None, **kw)
+
+    def classify(work_fn, **kw) -> str:
+        work = tmp_path / f"w{len(list(tmp_path.iterdir()))}"
+        work.mkdir()
+        c = case(**kw)
+        run = fuzzing._fork(work_fn, work, work.with_suffix(".aux"), timeout=c.timeout)
+        return fuzzing.classify(c, run, work, {}).outcome
+
+    def blocks() -> int:
+        time.sleep(60)
+        return 0
+
+    def crashes() -> int:
+        os.kill(os.getpid(), signal.SIGSEGV)
+        return 0
+
+    def internal() -> int:
+        sys.stderr.write("error: internal error: ValueError: x (traceback in /tmp/t.txt)\n")
+        return 1
+
+    def payload() -> int:
+        Path("MARKER").touch()
+        return 2
+
+    def succeeds() -> int:
+        print("done")
+        return 0
+
+    def leaves() -> int:
+        Path(".out.png.abc123.tmp").touch()
+        sys.stderr.write("error: x.png: broken\n")
+        return 2
+
+    start = time.monotonic()
+    assert classify(blocks, timeout=1.0) == "hang"
+    assert time.monotonic() - start < 10
+    assert classify(crashes) == "other"
+    assert classify(internal) == "traceback"
+    assert classify(payload, marker="MARKER") == "executed"
+    assert classify(succeeds, expect="refuse") == "silent"
+    assert classify(succeeds, expect="ok") == "ok"
+    assert classify(leaves, expect="refuse", culprits=("x.png",)) == "leftover"
