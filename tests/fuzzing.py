@@ -37,7 +37,7 @@ as a fresh interpreter has them, then calls ``contrastseg.cli.main()`` exactly a
 script does. Every ``torch`` call of the harness itself (loading checkpoints to mutate or to
 compare them) also runs in a child (:func:`call_in_child`), so that the pytest process never
 starts PyTorch's thread pools before a fork, and a crash while reading a broken file ends the
-child, not the test session.
+child, not the test run.
 """
 
 from __future__ import annotations
