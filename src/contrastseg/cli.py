@@ -474,6 +474,28 @@ def bench_losses(
     typer.echo(format_losses_benchmark(result))
 
 
+@bench_app.command("prototype")
+def bench_prototype(
+    batch: Batch = 2,
+    height: Annotated[int, typer.Option(help="Feature grid height (HRNetV2: input / 4).")] = 64,
+    width: Annotated[int, typer.Option(help="Feature grid width.")] = 64,
+    classes: Annotated[int, typer.Option(help="Number of classes.")] = 19,
+    channels: Annotated[int, typer.Option(help="Feature channels (HRNetV2-W48: 720).")] = 720,
+    prototypes: Annotated[int, typer.Option(help="Prototypes per class.")] = 10,
+    repeats: Annotated[int, typer.Option(help="Timed repeats of each (median).")] = 3,
+    device: Device = "cpu",
+) -> None:
+    """ProtoSeg's prototype classifier: its train step batched over classes vs a loop per
+    class (the released structure), same inputs, same run."""
+    from contrastseg.benchmarks.prototype import bench_prototype as run
+    from contrastseg.benchmarks.prototype import format_prototype_benchmark
+
+    result = run(
+        batch, (height, width), classes, channels, prototypes, repeats=repeats, device=device
+    )
+    typer.echo(format_prototype_benchmark(result))
+
+
 @data_app.command("check")
 def data_check(
     config: Annotated[Path, typer.Argument(help="Experiment YAML file (its data section).")],
