@@ -594,8 +594,9 @@ NEEDS = {
     "predict": CORE | {"palette"},
     "export": CORE,
     "upgrade": {"format_version"},
-    "resume": CORE
-    | {"iteration", "optimizer", "rng", "processes", "loss", "scaler", "best", "palette"},
+    # the top-level "rng" is process 0's fallback: a run resumes each process's own state from
+    # "processes" when their number matches
+    "resume": CORE | {"iteration", "optimizer", "processes", "loss", "scaler", "best", "palette"},
 }
 WRONG = ["int", "str", "list", "none", "dict", "tensor", "bool", "nested"]
 # (dotted key, value, whether the stored config is then unusable for the checkpoint's weights)
