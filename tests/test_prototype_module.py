@@ -144,6 +144,18 @@ def test_no_update_keeps_the_prototypes_and_the_targets():
     assert torch.equal(a.target, b.target)
 
 
+def test_a_non_finite_feature_moves_no_prototype():
+    module = PrototypeClassifier(K, C, M)
+    x, labels = data(7)
+    x[0, :, 2, 3] = float("nan")
+    before = module.prototypes.clone()
+    out = module(x, labels)
+    assert int(out.updated) == 0
+    torch.testing.assert_close(module.prototypes, F.normalize(before, dim=-1))
+    out = module(data(8)[0], labels)  # the next finite step moves them again
+    assert int(out.updated) > 0 and torch.isfinite(module.prototypes).all()
+
+
 @pytest.mark.parametrize("assignment", ["gumbel", "argmax"])
 def test_half_precision_steps_are_finite(assignment):
     x, labels = data(4)

@@ -298,8 +298,9 @@ class PrototypeClassifier(SeededModule):
     def _update(self, embed: Tensor, slot: Tensor, correct: Tensor) -> Tensor:
         """Move each prototype that correctly predicted pixels were assigned to: ``p <- m p +
         (1 - m) normalize(sum of those pixels)``; then every prototype L2-normalised and, under
-        DDP, averaged over processes. One scatter-add for all classes. Returns the number of
-        prototypes moved (0-dim int64)."""
+        DDP, averaged over processes. One scatter-add for all classes. A step whose embeddings
+        are not all finite (one the trainer skips) moves nothing: a NaN would stay in the
+        prototypes for good. Returns the number of prototypes moved (0-dim int64)."""
         K, M, D = self.prototypes.shape
         acc = torch.promote_types(self.prototypes.dtype, torch.float32)
         rows = torch.where(correct, slot, K * M)  # a spare row takes the others
@@ -307,7 +308,7 @@ class PrototypeClassifier(SeededModule):
         sums.index_add_(0, rows, embed.to(acc))
         counts = torch.zeros(K * M + 1, dtype=torch.long, device=embed.device)
         counts.index_add_(0, rows, torch.ones_like(rows))
-        moved = counts[: K * M] > 0
+        moved = (counts[: K * M] > 0) & torch.isfinite(embed).all()
         old = F.normalize(self.prototypes.reshape(K * M, D).to(acc), p=2.0, dim=-1)
         mean = F.normalize(sums[: K * M], p=2.0, dim=-1)
         m = self.momentum
