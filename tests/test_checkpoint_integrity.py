@@ -295,6 +295,16 @@ PARTS = {
         "palette[0]",
     ),
     "format_version a string": (_put("format_version", "2"), "format_version '2'"),
+    "iteration None": (_put("iteration", None), "'iteration' part is a None"),
+    "iteration nested": (_put("iteration", [[1]]), "'iteration' part is a list"),
+    "iteration negative": (_put("iteration", -1), "iteration -1"),
+    "a float weight cast to integers": (
+        lambda s: s["model"].__setitem__(
+            next(k for k in s["model"] if k.endswith("running_var")),
+            s["model"][next(k for k in s["model"] if k.endswith("running_var"))].long(),
+        ),
+        "is torch.int64, but the model's is torch.float32",
+    ),
     "weights of another shape": (
         lambda s: s["model"].__setitem__(
             next(k for k, v in s["model"].items() if v.dim() == 4),
@@ -307,7 +317,6 @@ RESUME_PARTS = {
     "no optimizer": (_drop("optimizer"), "'optimizer'"),
     "optimizer a list": (_put("optimizer", []), "'optimizer' part is a list"),
     "iteration a string": (_put("iteration", "2"), "'iteration' part is a str"),
-    "iteration negative": (_put("iteration", -1), "iteration -1"),
     "no rng": (_drop("rng"), "'rng'"),
     "rng of floats": (_put("rng", {"torch": torch.zeros(3)}), "'rng'"),
     "processes a dict": (_put("processes", {"a": 1}), "'processes' part is a dict"),

@@ -5,6 +5,7 @@ field, status 2, before any output is written."""
 import json
 
 import pytest
+import torch
 from PIL import Image
 
 
@@ -106,3 +107,44 @@ def test_a_model_onnxruntime_cannot_load_is_refused(model, run_cli, capsys):
     (model.parent / "model.onnx.json").write_text(json.dumps(_sidecar()))
     line = _run(run_cli, capsys, model, model.parent / "out")
     assert "model.onnx: onnxruntime cannot load it" in line, line
+
+
+class _Broken(torch.nn.Module):
+    """A model whose logits are at half the image's size, of another class count, or NaN."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+
+    def forward(self, x):
+        logits = x.mean(1, keepdim=True).repeat(1, 3, 1, 1)
+        if self.how == "half":
+            return logits[:, :, ::2, ::2]
+        if self.how == "one class":
+            return logits[:, :1]
+        return logits * float("nan")
+
+
+@pytest.mark.parametrize(
+    "how, needle",
+    [
+        ("half", "gave logits of shape (1, 3, 6, 8) for an image of 16 x 12"),
+        ("one class", "gave logits of shape (1, 1, 12, 16)"),
+        ("nan", "non-finite (NaN or infinite) logits"),
+    ],
+)
+def test_a_model_whose_logits_do_not_fit_is_refused(model, run_cli, capsys, how, needle):
+    """A model that loads but gives logits of the wrong size or class count, or NaN: one line,
+    no masks (the broadcast error, or the argmax of NaN, never reaches the writer)."""
+    torch.onnx.export(
+        _Broken(how),
+        (torch.zeros(1, 3, 12, 16),),
+        str(model),
+        input_names=["image"],
+        output_names=["logits"],
+        dynamic_axes={"image": {2: "h", 3: "w"}, "logits": {2: "h", 3: "w"}},
+        dynamo=False,
+    )
+    (model.parent / "model.onnx.json").write_text(json.dumps(_sidecar()))
+    line = _run(run_cli, capsys, model, model.parent / "out")
+    assert "model.onnx: " in line and needle in line, line

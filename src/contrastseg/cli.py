@@ -666,6 +666,15 @@ def _usage_error_lines(err: BaseException) -> list[str]:
     return lines
 
 
+def _os_error_line(err: OSError) -> str:
+    """``PATH: reason`` of an ``OSError`` that names a path (both paths for a rename)."""
+    name = str(err.filename)
+    shown = name if len(name) <= 200 else f"{name[:100]}...{name[-60:]} ({len(name)} characters)"
+    if err.filename2 is not None:
+        shown += f" -> {err.filename2}"
+    return one_line(f"{shown}: {err.strerror or type(err).__name__}")
+
+
 def _error_line(err: BaseException) -> str:
     """The message of a contrastseg error as the one line after ``error:``: a message of several
     lines (every invalid key of a config, every refused key of a resumed run) has its lines
@@ -721,6 +730,13 @@ def main() -> None:
         sys.exit(128 + err.signum)
     except ContrastSegError as err:
         typer.secho(f"error: {_error_line(err)}", fg="red", err=True)
+        sys.exit(2)
+    except OSError as err:
+        if err.filename is None:  # no path to blame: unexpected
+            _internal_error(err)
+        # the system refused a path the user gave or the run needs: a name too long, no
+        # permission, no space left, a read-only disk
+        typer.secho(f"error: {_os_error_line(err)}", fg="red", err=True)
         sys.exit(2)
     except SystemExit:
         raise

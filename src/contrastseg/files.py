@@ -123,17 +123,52 @@ def _fsync(path, flags: int) -> None:
         os.close(fd)
 
 
+#: The largest JSON file (``eval.json``, a sidecar) read whole: a run's files take a few KiB.
+MAX_JSON_BYTES = 16 << 20
+
+
+def parse_json(text: str) -> Any:
+    """``json.loads(text)``; ``ValueError`` (with a message) for text that is not JSON or nests
+    deeper than the parser's recursion allows."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"not valid JSON ({err.msg} at line {err.lineno})") from None
+    except RecursionError:
+        raise ValueError("not valid JSON here (its values nest too deep)") from None
+
+
+def read_json(path: Path, error: type[ContrastSegError] = ContrastSegError, fix: str = "") -> Any:
+    """The value of the UTF-8 JSON file ``path`` (at most :data:`MAX_JSON_BYTES`); ``error``
+    naming the file, what is wrong and ``fix`` when it is missing, too large, not UTF-8 or not
+    JSON."""
+    path = Path(path)
+    fix = f"; {fix}" if fix else ""
+    try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise error(f"{path}: {size:,} bytes, more than a JSON file here holds{fix}")
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise error(f"{path}: not UTF-8 text (byte {err.start}){fix}") from None
+    except OSError as err:
+        raise error(f"{path}: cannot be read ({err.strerror or err}){fix}") from None
+    try:
+        return parse_json(text)
+    except ValueError as err:
+        raise error(f"{path}: {err}{fix}") from None
+
+
 def json_lines(
     path: Path, error: type[ContrastSegError] = ContrastSegError
 ) -> Iterator[tuple[int, Any]]:
     """``(line number, value)`` of each non-blank line of a JSON-lines file (UTF-8); a line that
-    is not JSON raises ``error`` naming the file and the line."""
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
+    is not UTF-8 or not JSON raises ``error`` naming the file and the line."""
+    for number, raw in enumerate(Path(path).read_bytes().splitlines(), start=1):
+        if not raw.strip():
             continue
         try:
-            yield number, json.loads(line)
-        except json.JSONDecodeError as err:
-            raise error(
-                f"{path}, line {number}: not valid JSON ({err.msg}); repair or delete that line"
-            ) from None
+            yield number, parse_json(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as err:
+            what = "not UTF-8 text" if isinstance(err, UnicodeDecodeError) else str(err)
+            raise error(f"{path}, line {number}: {what}; repair or delete that line") from None

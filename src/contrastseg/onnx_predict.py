@@ -118,6 +118,18 @@ def predict_onnx(
             logits = session.run([out_name], {in_name: x})[0]
         except Exception as err:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise RuntimeError(f"onnxruntime: {err}") from err
+        expected = (1, len(info["class_names"]), *rgb.shape[:2])
+        if getattr(logits, "shape", None) != expected:
+            raise CheckpointError(
+                f"{model}: gave logits of shape {tuple(getattr(logits, 'shape', ()))} for an "
+                f"image of {rgb.shape[1]} x {rgb.shape[0]}, not {expected} (batch, the sidecar's "
+                f"{expected[1]} classes, the image's height and width); export the model again"
+            )
+        if not np.isfinite(logits).all():
+            raise CheckpointError(
+                f"{model}: gave non-finite (NaN or infinite) logits; its weights are broken: "
+                "export the model again"
+            )
         return logits.argmax(1)[0].astype(np.uint8)
 
     return predict_files(images, out_dir, infer, palette, alpha, strict, skip_existing)

@@ -8,7 +8,6 @@ A run directory is what ``contrastseg train`` writes (``config.yaml``, ``metrics
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from pathlib import Path
 
 from contrastseg.config import ExperimentConfig, load_config
 from contrastseg.errors import ContrastSegError
-from contrastseg.files import json_lines
+from contrastseg.files import json_lines, read_json
 
 __all__ = ["CHECKPOINTS", "RunRecord", "load_run", "load_runs", "median_s_per_iter", "read_eval"]
 
@@ -46,12 +45,7 @@ def read_eval(path: Path, checkpoint: str = "last") -> tuple[float, str | None]:
             f"{path}: not found, so {run} has no evaluation; run `contrastseg eval "
             f"{run / 'config.yaml'} --checkpoint {run / 'checkpoints'}/iter_NNNNNNN.pt` to write it"
         )
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ContrastSegError(
-            f"{path}: not valid JSON ({err}); rerun `contrastseg eval` to rewrite it"
-        ) from None
+    data = read_json(path, fix="rerun `contrastseg eval` to rewrite it")
     if checkpoint == "best":
         best = data.get("best") if isinstance(data, dict) else None
         if not isinstance(best, dict):
@@ -81,7 +75,12 @@ def median_s_per_iter(path: Path) -> float | None:
         return None
     times: list[float] = []
     for number, record in json_lines(path):
-        value = record.get("s_per_iter") if isinstance(record, dict) else None
+        if not isinstance(record, dict):
+            raise ContrastSegError(
+                f"{path}, line {number}: a JSON {type(record).__name__}, not a record (an "
+                "object); delete or repair that line"
+            )
+        value = record.get("s_per_iter")
         if value is None:
             continue
         if (
@@ -108,6 +107,11 @@ def load_run(path: str | Path, checkpoint: str = "last") -> RunRecord:
         raise ContrastSegError(
             f"{config}: not found, so {path} is not a run directory; `contrastseg train` "
             "writes config.yaml there"
+        )
+    if not config.read_bytes().strip():
+        raise ContrastSegError(
+            f"{config}: empty, so the config of {path} is lost; restore it (the checkpoints "
+            "hold it too) or leave this run out"
         )
     cfg = load_config(config)
     miou, split = read_eval(path / "eval.json", checkpoint)

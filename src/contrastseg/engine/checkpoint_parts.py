@@ -115,6 +115,9 @@ def check_model_parts(path: Path, state: dict) -> ModelParts:
     names = _need(path, state, "class_names", list, "a list of class names")
     palette = _need(path, state, "palette", list, "a list of [R, G, B] colours")
     weights = _need(path, state, "model", dict, "the model's weights (name -> tensor)")
+    iteration = _need(path, state, "iteration", int, "the iteration (an integer)")
+    if iteration < 0:
+        raise CheckpointError(f"{path}: its iteration {iteration} is negative")
     config = _stored_config(path, tree)
     names = check_class_names(path, names)
     palette = check_palette(path, palette, len(names))
@@ -136,13 +139,10 @@ def _rng(path: Path, rng: Any, where: str) -> None:
 
 
 def check_resume_parts(path: Path, state: dict) -> None:
-    """What ``--resume`` restores beyond :func:`check_model_parts`: the iteration, the
+    """What ``--resume`` restores beyond :func:`check_model_parts` (call that first): the
     optimizer's, loss set's and gradient scaler's states, the random states of every process
     and the best evaluation so far; ``CheckpointError`` naming ``path`` and the part."""
     path = Path(path)
-    iteration = _need(path, state, "iteration", int, "the iteration (an integer)")
-    if iteration < 0:
-        raise CheckpointError(f"{path}: its iteration {iteration} is negative")
     optimizer = _need(path, state, "optimizer", dict, "the optimizer's state (a mapping)")
     if not isinstance(optimizer.get("state"), dict) or not isinstance(
         optimizer.get("param_groups"), list
@@ -176,6 +176,20 @@ def check_resume_parts(path: Path, state: dict) -> None:
         raise CheckpointError(
             f"{path}: its 'best' part is not None or {{'iteration': int, 'mIoU': float}}"
         )
+
+
+def check_weights_fit(path: Path, weights: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+    """``CheckpointError`` naming ``path`` and the tensor when a weight's kind (floating point
+    or integer) differs from the model's, which ``load_state_dict`` would convert silently (a
+    float32 weight saved as float16 is converted, as a cast of precision)."""
+    own = model.state_dict()
+    for name, value in weights.items():
+        mine = own.get(name)
+        if mine is not None and mine.is_floating_point() != value.is_floating_point():
+            raise CheckpointError(
+                f"{path}: weight {name!r} is {value.dtype}, but the model's is {mine.dtype}; "
+                "the file was edited or belongs to another model"
+            )
 
 
 def first_non_finite(weights: dict[str, torch.Tensor]) -> tuple[str, int, int] | None:

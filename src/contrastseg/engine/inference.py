@@ -20,7 +20,11 @@ from contrastseg.data import (
     normalize,
 )
 from contrastseg.engine.checkpoint import load_checkpoint
-from contrastseg.engine.checkpoint_parts import check_finite, check_model_parts
+from contrastseg.engine.checkpoint_parts import (
+    check_finite,
+    check_model_parts,
+    check_weights_fit,
+)
 from contrastseg.engine.evaluator import evaluate, format_table, write_eval_json
 from contrastseg.engine.inference_modes import infer_scores
 from contrastseg.engine.runtime import resolve_device
@@ -43,6 +47,7 @@ def load_trained_model(
     parts = check_model_parts(path, state)
     check_finite(path, parts.weights)
     model = build_model(parts.config.model, len(parts.class_names), backbone_weights=False)
+    check_weights_fit(path, parts.weights, model)
     try:
         model.load_state_dict(parts.weights)
     except RuntimeError as err:

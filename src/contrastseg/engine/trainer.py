@@ -27,7 +27,12 @@ from contrastseg.distributed import (
 )
 from contrastseg.engine import checkpoint as ckpt
 from contrastseg.engine import resume as resume_config
-from contrastseg.engine.checkpoint_parts import check_finite, check_model_parts, check_resume_parts
+from contrastseg.engine.checkpoint_parts import (
+    check_finite,
+    check_model_parts,
+    check_resume_parts,
+    check_weights_fit,
+)
 from contrastseg.engine.evaluator import evaluate, format_table, write_eval_json
 from contrastseg.engine.progress import TrainProgress
 from contrastseg.engine.runtime import environment_info, resolve_device, seed_everything
@@ -41,7 +46,7 @@ from contrastseg.errors import (
     TrainingInterrupted,
     one_line,
 )
-from contrastseg.files import atomic_write_text
+from contrastseg.files import atomic_write_text, parse_json
 from contrastseg.losses import LossSet
 from contrastseg.models import build_model
 from contrastseg.precision import AMP_DTYPES
@@ -312,6 +317,7 @@ class Trainer:
                 f"but the data set has {self.num_classes} {self.class_names}; resume with the "
                 "data set it was trained on, or start a new run (another output.name)"
             )
+        check_weights_fit(path, parts.weights, self.model)
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as err:
@@ -572,13 +578,20 @@ def open_metrics_log(path: Path, iteration: int):
     """Open ``metrics.jsonl`` for appending, first dropping records after ``iteration`` (left by
     a run that was killed after its last checkpoint), so a resumed log has no duplicates."""
     if path.exists():
-        keep = []
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short when the machine went down
+        keep, dropped = [], 0
+        for raw in path.read_bytes().splitlines():
+            try:  # a line cut short when the machine went down, or damaged since
+                line = raw.decode("utf-8")
+                record = parse_json(line)
+            except (UnicodeDecodeError, ValueError):
+                dropped += bool(raw.strip())
                 continue
-            if record.get("iter", 0) <= iteration:
+            step = record.get("iter", 0) if isinstance(record, dict) else None
+            if type(step) is not int:
+                dropped += 1
+            elif step <= iteration:
                 keep.append(line)
+        if dropped:
+            log.warning("%s: dropped %d line(s) that are not records of this log", path, dropped)
         atomic_write_text(path, "".join(line + "\n" for line in keep))
     return path.open("a")
