@@ -2358,6 +2358,8 @@ def test_fuzz_run_folders(base, tmp_path):
         command = data.draw(st.sampled_from(["report", "report", "report best", "resume"]))
         if command not in RUN_FILES[target]:
             expect = "ok"
+        elif command == "resume" and "s_per_iter" in what:
+            expect = "either"  # timings are not read to resume (only for the final summary)
         if command == "report best" and expect != "refuse":
             expect = "either"  # the run kept no best evaluation (train.eval_every is 0)
 
@@ -2379,8 +2381,19 @@ def test_fuzz_run_folders(base, tmp_path):
                 validate=valid_any,
                 timeout=FAST,
             )
+        # --resume may drop a damaged log's lines with a warning naming the file (a crash can
+        # leave a torn last line): that counts as a refusal
+        skip = target if command == "resume" else None
         fam.run(
-            Case(fam.name, what, make=make, expect=expect, culprits=(target, "runs/run"), **spec)
+            Case(
+                fam.name,
+                what,
+                make=make,
+                expect=expect,
+                culprits=(target, "runs/run"),
+                skip_warning=skip,
+                **spec,
+            )
         )
 
     case()
