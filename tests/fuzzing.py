@@ -434,6 +434,8 @@ def _names_culprit(line: str, culprits: tuple[str, ...], work: Path) -> bool:
         forms |= {repr(f)[1:-1] for f in list(forms)}  # as a repr shows it
         # a newline in a name as a one-line message shows it (cli.main joins lines with "; ")
         forms |= {f.replace("\n", sep) for f in list(forms) for sep in ("; ", " ")}
+        # a name of thousands of characters may be shown cut short
+        forms |= {f[:60] for f in list(forms) if len(f) > 200}
         if any(f and f in line for f in forms):
             return True
     return False
