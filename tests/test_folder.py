@@ -167,3 +167,15 @@ def test_image_extensions_any_case_and_the_shared_list(tmp_path):
     assert np.array_equal(ds[0][0], image)
     assert IMAGE_EXTENSIONS == (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
     assert sorted(p.name for p in expand_images([root / "images"])) == ["a.BMP", "b.TIF"]
+
+
+def test_a_byte_order_mark_is_no_part_of_the_first_name(tmp_path):
+    """Editors on Windows start UTF-8 files with a BOM: the first sample and class names are
+    read without it."""
+    root = _make(tmp_path / "d")
+    for name in ("classes.txt", "splits/train.txt"):
+        path = root / name
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    ds = FolderSource(root, "train")
+    assert list(ds.classes) == ["background", "cat", "dog"]
+    assert len(ds) == 2 and ds[0] is not None

@@ -268,3 +268,20 @@ def test_every_torch_load_in_src_is_weights_only():
     assert calls and all(ok for _, ok in calls), calls
     # one reader (with its allow-list) that checkpoints, released files and backbone weights use
     assert {c.split(":")[0] for c, _ in calls} == {"contrastseg/safe_load.py"}
+
+
+def test_a_symlink_loop_given_as_a_checkpoint_is_one_line(tmp_path, tiny_cfg, run_cli, capsys):
+    loop = tmp_path / "X"
+    loop.symlink_to(tmp_path / "X.loop")
+    (tmp_path / "X.loop").symlink_to(loop)
+    config = tmp_path / "tiny.yaml"
+    save_config(tiny_cfg(), config)
+    for argv in (
+        ("export", str(loop), "--format", "torchscript", "--out", str(tmp_path / "m.pt")),
+        ("eval", str(config), "--checkpoint", str(loop)),
+        ("checkpoint", "upgrade", str(loop), str(tmp_path / "new.pt")),
+    ):
+        assert run_cli(*argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("error:") == 1 and "Traceback" not in err and "internal" not in err, err
+        assert str(loop) in err, err

@@ -92,7 +92,11 @@ def train(
     result = run_training(cfg, resume=resume, progress=progress)
     from contrastseg.rundir import median_s_per_iter
 
-    s_iter = median_s_per_iter(result.run_dir / "metrics.jsonl")  # what report tables
+    try:
+        s_iter = median_s_per_iter(result.run_dir / "metrics.jsonl")  # what report tables
+    except ContrastSegError as err:  # the run is done: a damaged old record costs the timing
+        logging.getLogger("contrastseg").warning("no s/iter in the summary: %s", err)
+        s_iter = None
     timing = f"  s/iter: {s_iter:.3f} (median of the logged windows)" if s_iter else ""
     typer.echo(
         f"run: {result.run_dir}  iterations: {result.iteration}  "

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from contrastseg.errors import ConfigError, ContrastSegError
-from contrastseg.files import atomic_write
+from contrastseg.files import atomic_write, real_path
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 DEFAULT_OPSET = 18  # the lowest opset the torch.onnx (dynamo) exporter writes natively
@@ -109,7 +109,7 @@ def export_checkpoint(
     opset = (opset or DEFAULT_OPSET) if format == "onnx" else None
     checkpoint = Path(checkpoint)
     out = Path(out) if out is not None else default_output(checkpoint, format)
-    if out.resolve() == checkpoint.resolve():
+    if real_path(out) == real_path(checkpoint):
         raise ConfigError(f"--out {out}: that is the checkpoint itself; choose another path")
     if out.is_dir():
         raise ConfigError(f"--out {out}: is a folder; give a file name")

@@ -44,6 +44,13 @@ def atomic_write(path: Path, write: Callable[[Path], T]) -> T:
     return result
 
 
+def real_path(path: Path | str) -> Path:
+    """``path`` absolute, with symlinks resolved, like ``Path.resolve()``, except that a symlink
+    loop (which ``resolve`` raises ``RuntimeError`` for) is left as it is for the reader of the
+    path to report."""
+    return Path(os.path.realpath(path))
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` with :func:`atomic_write`: the old file or the new one
     whole, never a torn one."""

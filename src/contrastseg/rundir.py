@@ -15,7 +15,7 @@ from pathlib import Path
 
 from contrastseg.config import ExperimentConfig, load_config
 from contrastseg.errors import ContrastSegError
-from contrastseg.files import json_lines, read_json
+from contrastseg.files import json_lines, read_json, real_path
 
 __all__ = ["CHECKPOINTS", "RunRecord", "load_run", "load_runs", "median_s_per_iter", "read_eval"]
 
@@ -131,7 +131,7 @@ def load_runs(
     runs: list[RunRecord] = []
     seen: set[Path] = set()
     for p in paths:
-        key = Path(p).resolve()
+        key = real_path(p)
         if key not in seen:
             seen.add(key)
             runs.append(load_run(p, checkpoint))

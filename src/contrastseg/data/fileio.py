@@ -66,7 +66,7 @@ def read_list(path: Path) -> list[str]:
     """Non-empty, stripped lines of the text file ``path`` with ``#`` comments (to the end of
     the line) removed: a split's sample names, a class list."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")  # a leading BOM is no name
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not a UTF-8 text file ({exc})") from None
     except OSError as exc:

@@ -29,7 +29,7 @@ from contrastseg.engine.evaluator import evaluate, format_table, write_eval_json
 from contrastseg.engine.inference_modes import infer_scores
 from contrastseg.engine.runtime import resolve_device
 from contrastseg.errors import CheckpointError, DataError, one_line
-from contrastseg.files import atomic_write, check_output_dir
+from contrastseg.files import atomic_write, check_output_dir, real_path
 from contrastseg.models import Segmentor, build_model
 
 log = logging.getLogger("contrastseg")
@@ -98,7 +98,7 @@ def predict_ids(model: Segmentor, cfg: ExperimentConfig, rgb: np.ndarray) -> np.
 def eval_json_path(checkpoint: Path, out: Path | None = None) -> Path:
     """Where :func:`evaluate_checkpoint` writes: ``out``, else ``eval.json`` of the run the
     checkpoint belongs to (``runs/NAME/checkpoints/X.pt`` -> ``runs/NAME/eval.json``)."""
-    return out or Path(checkpoint).resolve().parent.parent / "eval.json"
+    return out or real_path(checkpoint).parent.parent / "eval.json"
 
 
 def evaluate_checkpoint(

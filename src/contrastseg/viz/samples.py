@@ -12,6 +12,7 @@ import numpy as np
 from contrastseg.config import DataConfig
 from contrastseg.data import PairedSource, load_image, load_mask, open_source
 from contrastseg.errors import DataError
+from contrastseg.files import real_path
 
 
 @dataclass(frozen=True)
@@ -85,10 +86,10 @@ def _masks_from_split(images: list[Path], data: DataConfig, split: str | None):
             f"data set {data.name!r} has no image files to match {images[0]} against; pass "
             f"--masks FOLDER, or leave out the images and pick samples with --indices"
         )
-    index = {Path(source.image_path(i)).resolve(): i for i in range(len(source))}
+    index = {real_path(source.image_path(i)): i for i in range(len(source))}
     out = []
     for path in images:
-        i = index.get(path.resolve())
+        i = index.get(real_path(path))
         if i is None:
             raise DataError(
                 f"{path}: not an image of split {split!r} of data set {data.name!r} "
