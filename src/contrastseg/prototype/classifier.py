@@ -282,7 +282,9 @@ class PrototypeClassifier(SeededModule):
             target = torch.where(valid, cls * M + nearest, TARGET_IGNORE)
             updated = torch.zeros((), dtype=torch.long, device=device)
             if self.update_prototypes:
-                updated = self._update(embed.detach(), cls * M + moved_to, correct)
+                # A non-finite embedding makes its cosines NaN: one sum tells them all.
+                finite = torch.isfinite(x.sum())
+                updated = self._update(embed.detach(), cls * M + moved_to, correct & finite)
         ppc, ppd = _prototype_losses(cosines.to(work), target, valid)
         return PrototypeOutput(
             logits=logits,
@@ -295,20 +297,21 @@ class PrototypeClassifier(SeededModule):
             updated=updated,
         )
 
-    def _update(self, embed: Tensor, slot: Tensor, correct: Tensor) -> Tensor:
-        """Move each prototype that correctly predicted pixels were assigned to: ``p <- m p +
-        (1 - m) normalize(sum of those pixels)``; then every prototype L2-normalised and, under
-        DDP, averaged over processes. One scatter-add for all classes. A step whose embeddings
-        are not all finite (one the trainer skips) moves nothing: a NaN would stay in the
-        prototypes for good. Returns the number of prototypes moved (0-dim int64)."""
+    def _update(self, embed: Tensor, slot: Tensor, moving: Tensor) -> Tensor:
+        """Move each prototype that the ``moving`` pixels (the correctly predicted ones) were
+        assigned to: ``p <- m p + (1 - m) normalize(sum of those pixels)``; then every prototype
+        L2-normalised and, under DDP, averaged over processes. One scatter-add for all classes.
+        The caller passes no moving pixel for a step whose embeddings are not all finite (one
+        the trainer skips): a NaN would stay in the prototypes for good. Returns the number of
+        prototypes moved (0-dim int64)."""
         K, M, D = self.prototypes.shape
         acc = torch.promote_types(self.prototypes.dtype, torch.float32)
-        rows = torch.where(correct, slot, K * M)  # a spare row takes the others
+        rows = torch.where(moving, slot, K * M)  # a spare row takes the others
         sums = torch.zeros(K * M + 1, D, dtype=acc, device=embed.device)
         sums.index_add_(0, rows, embed.to(acc))
         counts = torch.zeros(K * M + 1, dtype=torch.long, device=embed.device)
         counts.index_add_(0, rows, torch.ones_like(rows))
-        moved = (counts[: K * M] > 0) & torch.isfinite(embed).all()
+        moved = counts[: K * M] > 0
         old = F.normalize(self.prototypes.reshape(K * M, D).to(acc), p=2.0, dim=-1)
         mean = F.normalize(sums[: K * M], p=2.0, dim=-1)
         m = self.momentum
