@@ -3,7 +3,13 @@ thing from the same state; every part is timed; the command prints the table."""
 
 from contrastseg.benchmarks.prototype import bench_prototype, format_prototype_benchmark
 
-PARTS = ["inference", "train forward", "classifier + learning", "train step"]
+PARTS = [
+    "inference",
+    "train forward",
+    "classifier, head given",
+    "classifier + learning",
+    "train step",
+]
 
 
 def test_prototype_benchmark_programs_agree_and_are_timed():
@@ -18,7 +24,7 @@ def test_prototype_benchmark_programs_agree_and_are_timed():
     assert agreement["ppc_diff"] < 1e-5 and agreement["ppd_diff"] < 1e-5
     lines = format_prototype_benchmark(result).splitlines()
     assert lines[0].startswith("batch 1  grid 6x8 (labels 24x32)  K 4  M 3  C 8")
-    assert [line.split("  ")[0].strip() for line in lines[3:7]] == PARTS
+    assert [line.split("  ")[0].strip() for line in lines[3:8]] == PARTS
     assert lines[-1].startswith("same state, argmax assignment")
 
 

@@ -13,9 +13,11 @@ inputs:
   training calls add to;
 * ``train forward``: the training call without gradient (logits, targets, losses, prototype
   update), batched vs loop;
-* ``classifier + learning``: the same with the projection head's output computed beforehand
-  (``embed`` returns it): the prototype product, the logits, the clustering, the update and
-  the losses, the part where the two programs differ;
+* ``classifier, head given``: the module in eval mode with the projection head's output
+  computed beforehand (``embed`` returns it): the prototype product, the max and the
+  LayerNorm, the floor of the next row;
+* ``classifier + learning``: the training call without gradient, head given: the same plus
+  the clustering, the update and the losses, the part where the two programs differ;
 * ``train step``: the training call and the backward of ``logits.sum() + ppc + ppd``.
 
 It also runs both once with ``assignment="argmax"`` (no random draw) from the same state and
@@ -140,8 +142,8 @@ def bench_prototype(
     default: 720 channels, 19 classes, 10 prototypes each, a 64 x 64 grid of 256 x 256 labels).
 
     Returns ``{"rows": [...], "agreement": {...}, "meta": {...}}``; each row has ``part``,
-    ``ms_batched``, ``ms_loop`` and ``speedup`` (loop / batched; the ``inference`` row has the
-    module's time in both)."""
+    ``ms_batched``, ``ms_loop`` and ``speedup`` (loop / batched; the two floors, ``inference``
+    and ``classifier, head given``, have the module's time in both)."""
     for name, value in (
         ("batch", batch),
         ("height", grid[0]),
@@ -184,6 +186,12 @@ def bench_prototype(
     for m in (head_free, head_free_loop):
         m.embed = lambda _features, cached=cached: cached
 
+    head_free_eval = copy.deepcopy(head_free).eval()
+
+    def classify():
+        with torch.no_grad():
+            head_free_eval(features)
+
     def learn_batched():
         with torch.no_grad():
             head_free(features, labels)
@@ -204,10 +212,10 @@ def bench_prototype(
         x.grad = None
         loop_module.zero_grad(set_to_none=True)
 
-    fns = [infer, forward_batched, forward_loop, learn_batched, learn_loop, step_batched, step_loop]
-    ms_infer, ms_fwd, ms_fwd_loop, ms_learn, ms_learn_loop, ms_step, ms_step_loop = (
-        interleaved_median_ms(fns, device, repeats)
-    )
+    fns = [infer, forward_batched, forward_loop, classify, learn_batched, learn_loop]
+    fns += [step_batched, step_loop]
+    ms = interleaved_median_ms(fns, device, repeats)
+    ms_infer, ms_fwd, ms_fwd_loop, ms_classify, ms_learn, ms_learn_loop, ms_step, ms_step_loop = ms
 
     def row(part, batched, loop):
         return {
@@ -220,6 +228,7 @@ def bench_prototype(
     rows = [
         row("inference", ms_infer, ms_infer),
         row("train forward", ms_fwd, ms_fwd_loop),
+        row("classifier, head given", ms_classify, ms_classify),
         row("classifier + learning", ms_learn, ms_learn_loop),
         row("train step", ms_step, ms_step_loop),
     ]
