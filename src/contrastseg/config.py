@@ -146,6 +146,25 @@ class BackboneConfig(_Section):
         return self
 
 
+class PrototypeConfig(_Section):
+    """ProtoSeg's prototype classifier (docs/prototypes.md), used when ``model.classifier`` is
+    ``prototype``. The defaults are the released Cityscapes recipe's
+    (``configs/cityscapes/H_48_D_4_proto.json``: 10 prototypes per class, momentum 0.999, 3
+    Sinkhorn iterations at epsilon 0.05, Gumbel assignment, width-normalised projection)."""
+
+    num_prototypes: int = Field(10, ge=1)
+    momentum: float = Field(0.999, ge=0.0, le=1.0)
+    sinkhorn_iterations: int = Field(3, ge=0)
+    sinkhorn_epsilon: float = Field(0.05, gt=0.0)
+    # gumbel: the released draw (the Sinkhorn plan's argmax plus Gumbel noise) picks the
+    # prototype a pixel moves; argmax: the plan's argmax, the same prototype as the target
+    assignment: Literal["gumbel", "argmax"] = "gumbel"
+    # width: the released projection head's L2 normalisation over the map's last axis;
+    # channel: over the embedding's channels
+    projection_norm: Literal["width", "channel"] = "width"
+    update_prototypes: bool = True
+
+
 class ModelConfig(_Section):
     """Backbone + decode head (+ auxiliary head, + projection head in training)."""
 
@@ -187,6 +206,12 @@ class ModelConfig(_Section):
     ocr_key_channels: int = Field(256, ge=8)
     ocr_aux_channels: int | None = Field(None, ge=8)
     ocr_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    # The decode head's final classifier: conv (a 1x1 convolution) or prototype (ProtoSeg's
+    # nearest-prototype classifier on the map the conv would read, configured by
+    # model.prototype; its PPC and PPD losses are weighted by loss.prototype). Auxiliary heads
+    # keep their conv.
+    classifier: Literal["conv", "prototype"] = "conv"
+    prototype: PrototypeConfig = PrototypeConfig()
 
     @property
     def pools_globally(self) -> bool:
@@ -377,9 +402,18 @@ class AAFConfig(_Section):
         return self
 
 
+class PrototypeLossConfig(_Section):
+    """The weights of the prototype classifier's two losses (used with ``model.classifier:
+    prototype``): the released Cityscapes recipe's 0.01 (PPC) and 0.001 (PPD)."""
+
+    ppc_weight: float = Field(0.01, ge=0.0)
+    ppd_weight: float = Field(0.001, ge=0.0)
+
+
 class LossConfig(_Section):
     ce: CrossEntropyConfig = CrossEntropyConfig()
     contrast: ContrastConfig = ContrastConfig()
+    prototype: PrototypeLossConfig = PrototypeLossConfig()
     lovasz: LovaszConfig = LovaszConfig()
     rmi: RMIConfig = RMIConfig()
     aaf: AAFConfig = AAFConfig()

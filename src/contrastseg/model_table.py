@@ -14,7 +14,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["BACKBONES", "BACKBONE_NAMES", "HEADS", "OTHER_SEGMENTERS", "TABLE1", "BackboneEntry"]
+__all__ = [
+    "BACKBONES",
+    "BACKBONE_NAMES",
+    "HEADS",
+    "OTHER_SEGMENTERS",
+    "PROTOTYPE_SEGMENTERS",
+    "TABLE1",
+    "BackboneEntry",
+]
 
 
 @dataclass(frozen=True)
@@ -131,4 +139,11 @@ OTHER_SEGMENTERS: dict[str, tuple[str, str]] = {
     "pspnet_resnet101": ("resnet101_deep", "pspnet"),
     "deeplabv3plus_xception71": ("xception71", "deeplabv3plus"),
     "upernet_convnext_tiny": ("timm:convnext_tiny", "upernet"),
+}
+
+#: The segmenters with ProtoSeg's prototype classifier (``model.classifier: prototype``) that a
+#: recipe trains: recipe path under configs -> (backbone, head). Any head takes the classifier.
+PROTOTYPE_SEGMENTERS: dict[str, tuple[str, str]] = {
+    "cityscapes/released/hrnetv2_w48_proto": ("hrnetv2_w48", "hrnetv2"),
+    "ade20k/hrnetv2_w48_proto": ("hrnetv2_w48", "hrnetv2"),
 }

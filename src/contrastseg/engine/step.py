@@ -24,7 +24,7 @@ def gradients_finite(optimizer: torch.optim.Optimizer) -> bool:
 
 
 def sgd_step(
-    forward: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+    forward: Callable[..., dict[str, torch.Tensor]],
     loss_set: LossSet,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
@@ -41,11 +41,13 @@ def sgd_step(
     """One step on ``image (B, 3, H, W)``, ``target (B, H, W)``, ``index (B,)`` (on the
     model's device) at 0-based ``iteration``; the learning rate is the caller's.
 
-    The batch runs in ``grad_accum`` micro-batches (DDP all-reduces in the last one's backward
-    only); CE is normalised by the labelled pixels of the whole step. A non-finite loss (on any
-    process) or gradient skips the update and restores ``bn_buffers`` (the batch-norm
-    statistics the forward pass changed). Returns the loss terms summed over the micro-batches
-    (the full-batch values, detached) and whether the update was applied.
+    ``forward(image, labels=target)`` is the model (a :class:`~contrastseg.models.Segmentor`,
+    maybe under DDP or compiled). The batch runs in ``grad_accum`` micro-batches (DDP
+    all-reduces in the last one's backward only); CE is normalised by the labelled pixels of
+    the whole step. A non-finite loss (on any process) or gradient skips the update and
+    restores ``bn_buffers`` (the batch-norm statistics the forward pass changed). Returns the
+    loss terms summed over the micro-batches (the full-batch values, detached) and whether the
+    update was applied.
     """
     accum = grad_accum
     norm, fraction = None, 1.0
@@ -69,7 +71,8 @@ def sgd_step(
                 dtype=amp_dtype or torch.float32,
                 enabled=bool(amp_dtype),
             ):
-                outputs = forward(image_m)
+                # The labels reach a prototype classifier (and are ignored otherwise).
+                outputs = forward(image_m, labels=target_m)
                 # Each loss casts what it needs to float32 (CE) or runs outside autocast.
                 terms = loss_set(outputs, target_m, iteration, index_m, norm, fraction)
             for k, v in terms.items():

@@ -170,7 +170,14 @@ class Trainer:
                 log.warning("%s", warning)
         self.num_classes = self.train_set.num_classes
         self.class_names = list(self.train_set.classes)
-        model = build_model(cfg.model, self.num_classes, backbone_weights=not resume)
+        # A prototype classifier draws its own noise on each process (its seed, like pixel
+        # contrast's, differs by rank); DDP starts every process from process 0's prototypes.
+        model = build_model(
+            cfg.model,
+            self.num_classes,
+            backbone_weights=not resume,
+            prototype_seed=cfg.train.seed + self.dist.rank,
+        )
         # Pixel contrast is attached the way any user attaches it: a PixelContrast module that
         # reads the model's training features (built right after the model, so that its
         # projection head draws the same initial weights whatever else the run builds).
@@ -262,17 +269,16 @@ class Trainer:
         }
 
     def _process_state(self) -> dict:
-        """What differs between processes: the torch RNGs and the loss set's random
-        generators (``*_extra_state``; each process draws its own anchors)."""
-        generators = {
-            k: v for k, v in self.loss_set.state_dict().items() if k.endswith("_extra_state")
-        }
+        """What differs between processes: the torch RNGs and the random generators
+        (``*_extra_state``) of the loss set (each process draws its own anchors) and of the
+        model (a prototype classifier's Gumbel noise)."""
         return {
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             },
-            "loss": generators,
+            "loss": _generator_states(self.loss_set),
+            "model": _generator_states(self.model),
         }
 
     def process_states(self) -> list[dict]:
@@ -335,7 +341,11 @@ class Trainer:
                 self.dist.world_size,
             )
         state["loss"].update(mine["loss"])
+        # this process's generators of the model (older checkpoints have none: process 0's,
+        # from the model's state_dict, stay)
+        model_generators = mine.get("model") or {}
         restore = [
+            ("model", lambda: self.model.load_state_dict(model_generators, strict=False)),
             ("optimizer", lambda: self.optimizer.load_state_dict(state["optimizer"])),
             ("loss", lambda: self.loss_set.load_state_dict(state["loss"])),
             (
@@ -572,6 +582,11 @@ class Trainer:
         write_eval_json(metrics, self.class_names, self.run_dir / "eval.json", **extra)
         print(format_table(metrics, self.class_names))
         return metrics, samples
+
+
+def _generator_states(module: torch.nn.Module) -> dict:
+    """The ``*_extra_state`` entries (random generators) of a module's state_dict."""
+    return {k: v for k, v in module.state_dict().items() if k.endswith("_extra_state")}
 
 
 def open_metrics_log(path: Path, iteration: int):

@@ -23,7 +23,9 @@ class LossSet(nn.Module):
     ``contrast`` is given); target: (B, H, W) int64, ignore = ``ignore_index``; step: the
     0-based iteration. Terms: ``ce`` (OHEM-CE with ``loss.ce.ohem``), ``aux_ce``, and each
     enabled loss past its warm-up (``lovasz``, ``rmi``, ``aaf``, ``contrast``), all on ``seg``;
-    a term in its warm-up is not computed at all. Terms are logged unweighted; ``total`` is the
+    a term in its warm-up is not computed at all; ``ppc`` and ``ppd`` when the model has a
+    prototype classifier (its outputs of the same names, weighted by ``loss.prototype``).
+    Terms are logged unweighted; ``total`` is the
     weighted sum. ``contrast`` is the :class:`~contrastseg.PixelContrast` module the config's
     ``loss.contrast`` describes (required when it is enabled); it is a submodule, so its
     projection head, memory and random generator are part of ``state_dict`` and so of
@@ -178,5 +180,12 @@ class LossSet(nn.Module):
                 total = total + cfg.contrast.weight * terms["contrast"]
             else:
                 total = total + value
+        if "ppc" in outputs:
+            # The prototype classifier's losses, computed by the model (it needs the labels at
+            # its classifier); means over this micro-batch's labelled pixels.
+            p = cfg.prototype
+            terms["ppc"] = fraction * outputs["ppc"]
+            terms["ppd"] = fraction * outputs["ppd"]
+            total = total + p.ppc_weight * terms["ppc"] + p.ppd_weight * terms["ppd"]
         terms["total"] = total
         return terms

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,6 +17,7 @@ from contrastseg.models.heads import DeepLabV3Head, FCNHead, HRNetV2Head
 from contrastseg.models.ocr import OCRHead
 from contrastseg.models.pspnet import build_pspnet
 from contrastseg.models.upernet import build_upernet
+from contrastseg.prototype import PrototypeClassifier, PrototypeOutput
 
 
 class Segmentor(nn.Module):
@@ -25,6 +29,12 @@ class Segmentor(nn.Module):
     regions), and ``features`` (B, feature_channels, h, w), the map the decode head classified
     (what :class:`contrastseg.PixelContrast` reads; on the grid of ``seg``). In eval mode only
     ``seg``: the auxiliary FCN head is not called, so inference costs what the baseline costs.
+
+    With a prototype classifier (``model.classifier: prototype``), ``forward(x, labels)`` in
+    training mode also returns ``ppc`` and ``ppd`` (the classifier's two losses, unweighted)
+    and moves the prototypes: the labels (B, H, W) reach the head's classifier for the length
+    of the call only (:func:`_labels_to`), so the heads and the exported graph stay as they
+    are. Without labels, in eval mode, or with a conv classifier, ``labels`` changes nothing.
 
     The decode head maps the backbone's list of feature maps to ``{"seg", "features", "aux"?}``
     (see :mod:`contrastseg.models.heads`).
@@ -45,9 +55,16 @@ class Segmentor(nn.Module):
         self.output_stride = output_stride
         self.feature_channels = feature_channels
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         feats = self.backbone(x)
-        decoded = self.head(feats)
+        learned: list[PrototypeOutput] = []
+        if self.training and labels is not None and self.prototype_classifier is not None:
+            with _labels_to(self.prototype_classifier, labels, learned):
+                decoded = self.head(feats)
+        else:
+            decoded = self.head(feats)
         out = {"seg": decoded["seg"]}
         if self.training:
             if "aux" in decoded:
@@ -55,13 +72,52 @@ class Segmentor(nn.Module):
             elif self.aux is not None:
                 out["aux"] = self.aux(feats[self.backbone.aux_index])
             out["features"] = decoded["features"]
+            if learned:
+                out["ppc"] = learned[0].ppc
+                out["ppd"] = learned[0].ppd
         return out
+
+    @property
+    def prototype_classifier(self) -> PrototypeClassifier | None:
+        """The decode head's classifier when it is a :class:`PrototypeClassifier`
+        (``model.classifier: prototype``), else None."""
+        classifier = getattr(self.head, "classifier", None)
+        return classifier if isinstance(classifier, PrototypeClassifier) else None
 
     @torch.no_grad()
     def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Eval-mode logits upsampled to the input size: (B, 3, H, W) -> (B, C, H, W)."""
         seg = self(x)["seg"]
         return F.interpolate(seg, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+@contextmanager
+def _labels_to(
+    classifier: PrototypeClassifier, labels: torch.Tensor, learned: list[PrototypeOutput]
+) -> Iterator[None]:
+    """For the length of the block, the head's call ``classifier(features)`` is made as
+    ``classifier(features, labels)``; its :class:`PrototypeOutput` is appended to ``learned``
+    and the head receives the logits, as from a conv classifier. Two hooks removed on exit:
+    the module, its state_dict and the scripted or exported inference graph are untouched."""
+
+    def add_labels(_module, args, kwargs):
+        return args, {**kwargs, "labels": labels}
+
+    def keep_output(_module, _args, output):
+        if isinstance(output, PrototypeOutput):
+            learned.append(output)
+            return output.logits
+        return output
+
+    handles = [
+        classifier.register_forward_pre_hook(add_labels, with_kwargs=True),
+        classifier.register_forward_hook(keep_output),
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class InferenceModel(nn.Module):
@@ -81,6 +137,7 @@ def build_model(
     cfg: ModelConfig,
     num_classes: int,
     backbone_weights: bool = True,
+    prototype_seed: int = 0,
 ) -> Segmentor:
     """Build the segmenter a config describes.
 
@@ -94,6 +151,11 @@ def build_model(
     ocr: on HRNet the concatenation feeds the soft-object-region head and the pixel
     representation and is the features; on a dilated backbone the region head reads the stage
     before the last, the pixel representation and the features are the last stage.
+
+    ``model.classifier: prototype`` puts a :class:`PrototypeClassifier` (``model.prototype``)
+    in place of the decode head's final 1x1 conv, reading the same map, under the same name
+    (``head.classifier.*``); ``prototype_seed`` seeds its prototypes and its generator (the
+    trainer gives each process its own).
     """
     bcfg = cfg.backbone
     pretrained = bcfg.pretrained and backbone_weights
@@ -157,7 +219,30 @@ def build_model(
         head, aux, features_channels, stride = build_upernet(backbone, cfg, num_classes)
     else:  # pragma: no cover - the config's Literal rules it out
         raise ConfigError(f"model.head = {cfg.head!r}: unknown head")
+    if cfg.classifier == "prototype":
+        head.classifier = build_prototype_classifier(
+            cfg, num_classes, head.classifier.in_channels, prototype_seed
+        )
     return Segmentor(backbone, head, aux, output_stride=stride, feature_channels=features_channels)
+
+
+def build_prototype_classifier(
+    cfg: ModelConfig, num_classes: int, in_channels: int, seed: int = 0
+) -> PrototypeClassifier:
+    """The :class:`PrototypeClassifier` ``model.prototype`` describes, on ``in_channels``."""
+    p = cfg.prototype
+    return PrototypeClassifier(
+        num_classes,
+        in_channels,
+        p.num_prototypes,
+        momentum=p.momentum,
+        sinkhorn_iterations=p.sinkhorn_iterations,
+        sinkhorn_epsilon=p.sinkhorn_epsilon,
+        assignment=p.assignment,
+        projection_norm=p.projection_norm,
+        update_prototypes=p.update_prototypes,
+        seed=seed,
+    )
 
 
 def count_parameters(module: nn.Module) -> int:

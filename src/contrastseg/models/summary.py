@@ -16,7 +16,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from contrastseg.config import ModelConfig
 from contrastseg.contrast import ProjectionHead
-from contrastseg.model_table import BACKBONES, HEADS, OTHER_SEGMENTERS, TABLE1
+from contrastseg.model_table import (
+    BACKBONES,
+    HEADS,
+    OTHER_SEGMENTERS,
+    PROTOTYPE_SEGMENTERS,
+    TABLE1,
+)
 from contrastseg.models.segmentor import InferenceModel, build_model, count_parameters
 
 HEAD_DESCRIPTIONS = {
@@ -144,6 +150,22 @@ def list_models(num_classes: int = 19) -> list[dict[str, Any]]:
             about = about.removesuffix(", dilated")  # output stride 32: not dilated (upernet)
         row["description"] = f"{HEAD_DESCRIPTIONS[head].split(':')[0]} on {about}"
         rows.append(row)
+    # the prototype-classifier variants the recipes train (one row per architecture)
+    recipes: dict[tuple[str, str], list[str]] = {}
+    for recipe, pair in PROTOTYPE_SEGMENTERS.items():
+        recipes.setdefault(pair, []).append(recipe)
+    for (backbone, head), names in recipes.items():
+        cfg = ModelConfig.model_validate(
+            {"backbone": {"name": backbone}, "head": head, "classifier": "prototype"}
+        )
+        row = summarize(cfg, num_classes, flops=False)
+        row["table1"] = names[0].rpartition("/")[2]
+        about = BACKBONES[backbone].display if backbone in BACKBONES else backbone
+        row["description"] = (
+            f"{HEAD_DESCRIPTIONS[head].split(':')[0]} + prototype classifier on {about} "
+            f"(configs/{{{','.join(names)}}}.yaml)"
+        )
+        rows.append(row)
     return rows
 
 
@@ -161,6 +183,10 @@ def format_models(rows: list[dict[str, Any]]) -> str:
     lines.append(
         f"params: inference model, {rows[0]['classes'] if rows else 19} classes. Training adds the "
         "auxiliary and projection heads; see `contrastseg summary CONFIG`."
+    )
+    lines.append(
+        "model.classifier: prototype puts ProtoSeg's prototype classifier in place of any "
+        "head's 1x1 classifier (model.prototype, loss.prototype; docs/prototypes.md)."
     )
     lines.append(
         "Any timm model with features_only: model.backbone.name: timm:<model> (e.g. "
