@@ -248,8 +248,9 @@ NEWEST = "runs/run/checkpoints/iter_0000002.pt"
 
 
 def write_image(path: Path) -> None:
-    """A valid 12x10 RGB PNG (predict's input in the checkpoint families)."""
-    Image.fromarray(np.full((*SIZE, 3), 90, np.uint8)).save(path)
+    """A valid 12x10 RGB PNG (predict's input in the checkpoint families), whatever the name's
+    extension (a special name may have none)."""
+    Image.fromarray(np.full((*SIZE, 3), 90, np.uint8)).save(path, format="PNG")
 
 
 # ----------------------------------------------------------------------------- 1. configs
