@@ -6,7 +6,8 @@ Two kinds of file are read:
   ``module.``) of one of the layouts in :data:`LAYOUTS`: HRNet-W48 (``hrnet_w48`` /
   ``hrnet_w48_contrast``), HRNet-W48 + OCR (``hrnet_w48_ocr`` / ``hrnet_w48_ocr_contrast``),
   DeepLabV3 on the deep-stem ResNet-101 (``deeplab_v3`` / ``deeplab_v3_contrast``) and OCR on it
-  (``spatial_ocrnet``). It becomes a contrastseg checkpoint that
+  (``spatial_ocrnet``), and ProtoSeg's HRNet-W48 with the prototype classifier
+  (``hrnet_w48_proto``, tfzhou/ProtoSeg). It becomes a contrastseg checkpoint that
   :func:`contrastseg.engine.inference.load_trained_model` loads (``contrastseg eval``, ``predict``,
   ``export``), with the released head and backbone variants, so the model gives the released
   model's logits;
@@ -45,7 +46,14 @@ CHECKPOINT_FORMAT = 2
 PROJECTION_REASON = "training only: the projection head of pixel contrast (inference never runs it)"
 IMAGENET_REASON = "ImageNet classification head: not part of the segmentation backbone"
 COUNTER_REASON = "absent from the source: batch-norm update counter, set to 0 (unused in eval)"
-
+GENERATOR_REASON = (
+    "absent from the source: the prototype classifier's random generator, empty (it starts "
+    "from its seed)"
+)
+ALIAS_REASON = (
+    "the same tensors as proj_head.proj (the released ProjectionHead names its layers twice: "
+    "proj = mlp2)"
+)
 # Released normalisations (openseg configs), as contrastseg's (x / 255 - mean) / std on RGB.
 # H_48_D_4.json: BGR, div 255, mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225) per B, G, R.
 HRNET_MEAN = (0.406, 0.456, 0.485)
@@ -147,6 +155,15 @@ _DEEPLAB_HEAD: Rules = (
     ("decoder.refine.2.", "head.classifier."),
 )
 _PROJECTION = (("proj_head.", PROJECTION_REASON),)
+# HRNet_W48_Proto (tfzhou/ProtoSeg): cls_head without its classifier, then the prototype
+# classifier (PrototypeClassifier keeps the released names of its parts).
+_HRNET_PROTO_HEAD: Rules = (
+    *_bn_relu("cls_head", "head.block"),
+    ("proj_head.proj.", "head.classifier.projection."),
+    ("feat_norm.", "head.classifier.feat_norm."),
+    ("mask_norm.", "head.classifier.mask_norm."),
+    ("prototypes", "head.classifier.prototypes"),
+)
 # The model section of the released OCR heads (HRNet-W48-OCR and SpatialOCRNet alike).
 _OCR_MODEL = {
     "head": "ocr",
@@ -171,6 +188,29 @@ LAYOUTS: dict[str, Layout] = {
             backbones=_HRNET_BACKBONES,
             model={"head": "hrnetv2", "head_variant": "released", "dropout": 0.1},
             dropped=_PROJECTION,
+            first_conv="backbone.body.conv1.weight",
+        ),
+        Layout(
+            "hrnet_w48_proto",
+            "HRNet_W48_Proto (tfzhou/ProtoSeg lib/models/nets/hrnet.py): cls_head (3x3 conv, "
+            "BN-ReLU, dropout) of the concatenated HRNetV2 branches, then the prototype "
+            "classifier (projection, feat_norm, 10 prototypes per class, mask_norm)",
+            HRNET_BACKBONE + _HRNET_PROTO_HEAD,
+            signature=(
+                "backbone.stage4.0.fuse_layers.0.1.0.weight",
+                "cls_head.0.weight",
+                "prototypes",
+            ),
+            classifier="mask_norm.weight",
+            backbones=_HRNET_BACKBONES,
+            model={
+                "head": "hrnetv2",
+                "head_variant": "released",
+                "dropout": 0.1,
+                "classifier": "prototype",
+                "prototype": {"num_prototypes": 10},
+            },
+            dropped=(("proj_head.mlp2.", ALIAS_REASON),),
             first_conv="backbone.body.conv1.weight",
         ),
         Layout(
@@ -304,13 +344,20 @@ def unwrap(obj: Any, where: str = "checkpoint") -> dict[str, torch.Tensor]:
 
 def detect_layout(state: Mapping[str, torch.Tensor], where: str = "checkpoint") -> Layout:
     """The :data:`LAYOUTS` entry whose signature keys the state dict has (a signature ending in
-    ``.`` matches any key under it); an unknown layout raises CheckpointError."""
+    ``.`` matches any key under it; of two that match, the one whose signature holds the
+    other's: ``hrnet_w48_proto`` over ``hrnet_w48``); an unknown layout raises
+    CheckpointError."""
     keys = list(state)
 
     def has(sig: str) -> bool:
         return any(k.startswith(sig) for k in keys) if sig.endswith(".") else sig in state
 
     found = [lay for lay in LAYOUTS.values() if all(has(s) for s in lay.signature)]
+    found = [
+        lay
+        for lay in found
+        if not any(set(lay.signature) < set(other.signature) for other in found)
+    ]
     if len(found) != 1:
         raise CheckpointError(
             f"{where}: unknown checkpoint layout ({len(keys)} keys, e.g. {keys[:6]}); "
@@ -405,9 +452,14 @@ def convert_state(
         )
     out = {dst: state[src] for src, dst in mapping.items()}
     filled = {}
-    for key in sorted(set(shapes) - set(out)):  # only batch-norm counters (checked in _match)
-        out[key] = torch.zeros((), dtype=torch.long)
-        filled[key] = COUNTER_REASON
+    # only batch-norm counters and generator states (checked in _match)
+    for key in sorted(set(shapes) - set(out)):
+        if key.endswith("_extra_state"):
+            out[key] = torch.empty(0, dtype=torch.uint8)
+            filled[key] = GENERATOR_REASON
+        else:
+            out[key] = torch.zeros((), dtype=torch.long)
+            filled[key] = COUNTER_REASON
     if layout.first_conv is not None:
         out[layout.first_conv] = _flip_input(out[layout.first_conv])
     out = {k: out[k].contiguous() for k in shapes}  # the model's own order
@@ -417,10 +469,10 @@ def convert_state(
 
 def _num_classes(state: Mapping[str, torch.Tensor], layout: Layout, where: str) -> int:
     weight = state.get(layout.classifier)
-    if weight is None or weight.dim() != 4:
+    if weight is None or weight.dim() not in (1, 4):
         raise CheckpointError(
             f"{where}: the {layout.name} layout's classifier {layout.classifier!r} is missing "
-            "or not a convolution weight"
+            "or not a convolution (or, for prototypes, a layer norm) weight"
         )
     return int(weight.shape[0])
 
@@ -429,10 +481,12 @@ def _match(
     state: Mapping[str, torch.Tensor], mapping: dict[str, str], shapes: dict[str, tuple[int, ...]]
 ) -> str:
     """'' when ``mapping`` fills every key of ``shapes`` with a tensor of its shape (batch-norm
-    counters may be absent), else what is wrong."""
+    counters and generator states may be absent), else what is wrong."""
     extra = sorted(dst for dst in mapping.values() if dst not in shapes)
     missing = sorted(
-        k for k in set(shapes) - set(mapping.values()) if not k.endswith("num_batches_tracked")
+        k
+        for k in set(shapes) - set(mapping.values())
+        if not k.endswith(("num_batches_tracked", "_extra_state"))
     )
     wrong = sorted(
         f"{src} {tuple(state[src].shape)} -> {dst} {shapes[dst]}"
@@ -569,8 +623,9 @@ def format_conversion(conversion: Conversion, keys: bool = False, out: Path | No
         n = sum(k.startswith(prefix) for k in conversion.dropped)
         if n:
             lines.append(f"  dropped {prefix}* ({n} keys): {reason}")
-    if conversion.filled:
-        lines.append(f"  filled {len(conversion.filled)} keys: {COUNTER_REASON}")
+    for reason in sorted(set(conversion.filled.values())):
+        n = sum(why == reason for why in conversion.filled.values())
+        lines.append(f"  filled {n} keys: {reason}")
     if lay.first_conv is not None:
         lines.append(f"  {lay.first_conv}: input channels reversed (released BGR -> RGB)")
     if keys:
