@@ -201,3 +201,32 @@ def test_resumed_run_repeats_the_uninterrupted_prototypes_and_noise(tiny_cfg):
     # the resumed log holds iterations 4-6 (the first three ran outside fit)
     assert [r["iter"] for r in rb] == [4, 5, 6]
     assert [r["ppc"] for r in ra[3:]] == pytest.approx([r["ppc"] for r in rb], rel=1e-5)
+
+
+def test_the_prototype_recipes_hold_the_released_values():
+    from pathlib import Path
+
+    from contrastseg.model_table import PROTOTYPE_SEGMENTERS
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for recipe, (backbone, head) in PROTOTYPE_SEGMENTERS.items():
+        cfg = load_config(root / f"{recipe}.yaml", ["model.backbone.pretrained=false"])
+        assert (cfg.model.backbone.name, cfg.model.head) == (backbone, head)
+        assert cfg.model.classifier == "prototype" and not cfg.loss.contrast.enabled
+        p = cfg.model.prototype
+        assert (p.num_prototypes, p.momentum, p.sinkhorn_iterations, p.sinkhorn_epsilon) == (
+            10,
+            0.999,
+            3,
+            0.05,
+        )
+        assert (p.assignment, p.projection_norm, p.update_prototypes) == ("gumbel", "width", True)
+        assert (cfg.loss.prototype.ppc_weight, cfg.loss.prototype.ppd_weight) == (0.01, 0.001)
+    city = load_config(root / "cityscapes/released/hrnetv2_w48_proto.yaml")
+    assert (city.train.iters, city.train.batch_size, city.optim.lr) == (80000, 8, 0.01)
+    assert city.data.crop_size == (512, 1024) and city.loss.ce.class_weights[0] == 0.8373
+    ade = load_config(root / "ade20k/hrnetv2_w48_proto.yaml")
+    ce = load_config(root / "ade20k/hrnetv2_w48_ce.yaml")
+    # the same protocol as the CE recipe: only the classifier and its losses differ
+    assert ade.model.model_copy(update={"classifier": "conv"}) == ce.model
+    assert (ade.data, ade.optim, ade.train, ade.eval) == (ce.data, ce.optim, ce.train, ce.eval)
