@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-contrast test test-kernels fuzz lint format clean lock
+.PHONY: demo demo-contrast demo-proto test test-kernels fuzz lint format clean lock
 
 # requirements.lock pins every runtime and dev dependency; `make lock` regenerates it (README).
 $(STAMP): pyproject.toml requirements.lock
@@ -25,6 +25,11 @@ demo-contrast: $(STAMP)
 	@echo "removing runs/demo_contrast (the previous run of this demo, if any), then training it anew"
 	rm -rf runs/demo_contrast
 	$(BIN)/contrastseg train configs/demo_contrast.yaml
+
+demo-proto: $(STAMP)
+	@echo "removing runs/demo_proto (the previous run of this demo, if any), then training it anew"
+	rm -rf runs/demo_proto
+	$(BIN)/contrastseg train configs/demo_proto.yaml
 
 # `make test`: every test. The numerics-sensitive ones (marker `numerics`, tests/conftest.py) run
 # under each CPU kernel PyTorch can use on this machine (`default`, `avx2`, `avx512`), so that no
