@@ -144,6 +144,29 @@ def test_no_update_keeps_the_prototypes_and_the_targets():
     assert torch.equal(a.target, b.target)
 
 
+def test_assign_and_update_are_the_training_call_split_in_its_parts():
+    """``_assign`` (Sinkhorn + assignment) and ``_update`` called on their own, as the step
+    breakdown times them, give the training call's targets and moved prototypes."""
+    x, labels = data(4)
+    whole = PrototypeClassifier(K, C, M, seed=3)
+    parts = PrototypeClassifier(K, C, M, seed=3)
+    parts.load_state_dict(whole.state_dict())
+    out = whole(x, labels)
+    with torch.no_grad():
+        embed = parts.embed(x)
+        protos = F.normalize(parts.prototypes, dim=-1).reshape(K * M, C)
+        cosines = embed @ protos.t()
+        cls = parts.grid_labels(labels, (6, 8))
+        own, nearest, moved_to = parts._assign(cosines, cls)
+        scores = parts.mask_norm(cosines.reshape(-1, K, M).amax(2))
+        correct = (cls < K) & (scores.argmax(1) == cls)
+        parts._update(embed, cls * M + moved_to, correct)
+    assert own.shape == (2 * 6 * 8, M)
+    assert torch.equal(torch.where(cls < K, cls * M + nearest, TARGET_IGNORE), out.target)
+    assert torch.equal(parts.prototypes, whole.prototypes)
+    assert torch.equal(parts.generator_state(), whole.generator_state())
+
+
 def test_a_non_finite_feature_moves_no_prototype():
     module = PrototypeClassifier(K, C, M)
     x, labels = data(7)

@@ -255,7 +255,6 @@ class PrototypeClassifier(SeededModule):
     ) -> PrototypeOutput:
         B, K, h, w = logits.shape
         M = self.num_prototypes
-        N = B * h * w
         if labels.dim() != 3 or labels.shape[0] != B:
             raise ConfigError(f"labels must have shape ({B}, H, W); got {tuple(labels.shape)}")
         device = embed.device
@@ -264,21 +263,7 @@ class PrototypeClassifier(SeededModule):
             cls = self.grid_labels(labels.to(device), (h, w))  # (N,), K: no class
             valid = cls < K
             correct = valid & (scores.argmax(1) == cls)
-            # Each pixel's cosines to its own class's prototypes (the last class's for pixels
-            # without a class: they form a group of their own, solved and never used).
-            own = cls.clamp(max=K - 1)
-            x = cosines.detach().reshape(N, K, M)
-            x = x.gather(1, own[:, None, None].expand(N, 1, M))[:, 0].to(work)
-            plan = segment_sinkhorn(x, cls, K + 1, self.sinkhorn_iterations, self.sinkhorn_epsilon)
-            nearest = plan.argmax(1)
-            if self.assignment == "gumbel":
-                # One draw for the batch: row r for the r-th pixel in (class, index) order.
-                gen = self._rng.get(device)
-                noise = torch.empty(N, M, dtype=work, device=device).exponential_(generator=gen)
-                noise = -noise.log()[gumbel_noise_order(cls)]
-                moved_to = (plan + noise).argmax(1)
-            else:
-                moved_to = nearest
+            x, nearest, moved_to = self._assign(cosines, cls)
             target = torch.where(valid, cls * M + nearest, TARGET_IGNORE)
             updated = torch.zeros((), dtype=torch.long, device=device)
             if self.update_prototypes:
@@ -296,6 +281,34 @@ class PrototypeClassifier(SeededModule):
             correct=correct.sum(),
             updated=updated,
         )
+
+    @torch.jit.unused
+    def _assign(self, cosines: Tensor, cls: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The Sinkhorn clustering and the assignment of a training call, without gradient:
+        ``cosines (N, K*M)``, ``cls (N,)`` (``K``: no class) -> each pixel's cosines to its own
+        class's prototypes ``x (N, M)`` (float32 or wider), the prototype of its plan's argmax
+        ``nearest (N,)`` and the one it moves ``moved_to (N,)`` (both in ``[0, M)``)."""
+        N = cosines.shape[0]
+        K, M = self.num_classes, self.num_prototypes
+        device = cosines.device
+        work = torch.promote_types(cosines.dtype, torch.float32)
+        with torch.no_grad():
+            # Each pixel's cosines to its own class's prototypes (the last class's for pixels
+            # without a class: they form a group of their own, solved and never used).
+            own = cls.clamp(max=K - 1)
+            x = cosines.detach().reshape(N, K, M)
+            x = x.gather(1, own[:, None, None].expand(N, 1, M))[:, 0].to(work)
+            plan = segment_sinkhorn(x, cls, K + 1, self.sinkhorn_iterations, self.sinkhorn_epsilon)
+            nearest = plan.argmax(1)
+            if self.assignment == "gumbel":
+                # One draw for the batch: row r for the r-th pixel in (class, index) order.
+                gen = self._rng.get(device)
+                noise = torch.empty(N, M, dtype=work, device=device).exponential_(generator=gen)
+                noise = -noise.log()[gumbel_noise_order(cls)]
+                moved_to = (plan + noise).argmax(1)
+            else:
+                moved_to = nearest
+        return x, nearest, moved_to
 
     def _update(self, embed: Tensor, slot: Tensor, moving: Tensor) -> Tensor:
         """Move each prototype that the ``moving`` pixels (the correctly predicted ones) were
