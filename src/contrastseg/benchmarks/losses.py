@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from contrastseg.benchmarks.timing import interleaved_median_ms
+from contrastseg.benchmarks.timing import aligned_table, interleaved_median_ms
 from contrastseg.losses import (
     AAFLoss,
     cross_entropy,
@@ -114,13 +114,5 @@ def format_losses_benchmark(result: dict) -> str:
     )
     header = ("loss", "ms", "x CE")
     body = [(r["loss"], f"{r['ms']:.1f}", f"{r['ratio']:.2f}") for r in result["rows"]]
-    widths = [max(len(x) for x in col) for col in zip(header, *body, strict=True)]
-    lines = [
-        "  ".join(
-            x.ljust(wd) if i == 0 else x.rjust(wd)
-            for i, (x, wd) in enumerate(zip(line, widths, strict=True))
-        )
-        for line in [header, *body]
-    ]
-    lines.insert(1, "  ".join("-" * wd for wd in widths))
+    lines = aligned_table(header, body)
     return "\n".join([head, *lines])

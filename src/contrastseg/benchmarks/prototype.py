@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from contrastseg.benchmarks.timing import interleaved_median_ms
+from contrastseg.benchmarks.timing import aligned_table, interleaved_median_ms
 from contrastseg.benchmarks.train_step import block_labels
 from contrastseg.checks import check_int
 from contrastseg.prototype import PrototypeClassifier
@@ -265,15 +265,7 @@ def format_prototype_benchmark(result: dict) -> str:
         )
         for r in result["rows"]
     ]
-    widths = [max(len(x) for x in col) for col in zip(header, *body, strict=True)]
-    lines = [
-        "  ".join(
-            x.ljust(wd) if i == 0 else x.rjust(wd)
-            for i, (x, wd) in enumerate(zip(line, widths, strict=True))
-        )
-        for line in [header, *body]
-    ]
-    lines.insert(1, "  ".join("-" * wd for wd in widths))
+    lines = aligned_table(header, body)
     a = result["agreement"]
     agreement = (
         "same state, argmax assignment: max |prototypes diff| "

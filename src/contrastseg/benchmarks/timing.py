@@ -31,3 +31,18 @@ def interleaved_median_ms(
         for fn, acc in zip(fns, times, strict=True):
             acc.append(once(fn))
     return [statistics.median(acc) for acc in times]
+
+
+def aligned_table(header: tuple[str, ...], body: list[tuple[str, ...]]) -> list[str]:
+    """``header`` and ``body`` as text lines: the first column left-aligned, the others right,
+    a rule of dashes under the header."""
+    widths = [max(len(x) for x in col) for col in zip(header, *body, strict=True)]
+    lines = [
+        "  ".join(
+            x.ljust(wd) if i == 0 else x.rjust(wd)
+            for i, (x, wd) in enumerate(zip(line, widths, strict=True))
+        )
+        for line in [header, *body]
+    ]
+    lines.insert(1, "  ".join("-" * wd for wd in widths))
+    return lines
