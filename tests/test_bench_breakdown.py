@@ -1,8 +1,16 @@
 """The step breakdown: every part, its share of the step and, for contrast parts, its floor."""
 
+import math
+
 import pytest
 
-from contrastseg.benchmarks.breakdown import PARTS, format_breakdown, run_breakdown
+from contrastseg.benchmarks.breakdown import (
+    PARTS,
+    PROTOTYPE_PARTS,
+    format_breakdown,
+    parts_of,
+    run_breakdown,
+)
 from contrastseg.config import load_config
 
 TINY_CONTRAST = [
@@ -89,3 +97,37 @@ def test_breakdown_with_more_anchors_than_one_image_has_pixels():
     assert meta["anchors"] > 4 * 8  # the 4x8 grid of one 32x64 image at stride 8
     sampling = next(r for r in result["rows"] if r["part"] == "labels + sampling")
     assert sampling["floor_ms"] > 0
+
+
+def test_breakdown_with_a_prototype_classifier_splits_the_classifier_step():
+    cfg = load_config(
+        "configs/demo_contrast.yaml",
+        [*TINY_CONTRAST, "model.classifier=prototype", "model.prototype.num_prototypes=3"],
+    )
+    parts = parts_of(cfg)
+    assert parts == (PARTS[0], *PROTOTYPE_PARTS, *PARTS[1:])
+    result = run_breakdown(cfg, num_classes=19, batch=2, size=(64, 64), repeats=1)
+    rows = {r["part"]: r for r in result["rows"]}
+    assert [r["part"] for r in result["rows"]] == list(parts)
+    meta = result["meta"]
+    assert sum(r["ms"] for r in rows.values()) == pytest.approx(meta["step_ms"], rel=1e-9)
+    classifier = meta["classifier"]
+    assert classifier["prototypes"] == 3 and classifier["classes"] == 19
+    assert 0 < classifier["labelled"] <= classifier["pixels"]
+    # The classifier's five rows sum to the measured classifier step.
+    assert classifier["classifier_ms"] > 0
+    five = sum(rows[p]["ms"] for p in PROTOTYPE_PARTS)
+    assert five == pytest.approx(classifier["classifier_ms"], rel=1e-9)
+    for part in PROTOTYPE_PARTS[:-1]:
+        r = rows[part]
+        assert math.isfinite(r["ms"]) and r["ms"] > 0, part
+        assert math.isfinite(r["floor_ms"]) and r["floor_ms"] > 0, part
+        assert r["ratio"] == pytest.approx(r["ms"] / r["floor_ms"])
+        assert r["floor"] != "-"
+    assert rows["classifier rest"]["floor_ms"] is None
+    for part in WITH_FLOOR:
+        assert rows[part]["floor_ms"] > 0
+    lines = format_breakdown(result).splitlines()
+    assert lines[2].startswith("prototype classifier:")
+    assert [line.split("  ")[0].strip() for line in lines[5 : 5 + len(parts)]] == list(parts)
+    assert lines[-2].startswith("classifier step") and lines[-1].startswith("step")

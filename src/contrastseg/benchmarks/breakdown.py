@@ -30,6 +30,29 @@ the same sizes and dtype, timed in the same run, and the ratio part / floor. The
   gathered ``(N, k, D)`` rows and their two batched products for the mining modes;
 * memory push: a random permutation and a sort of ``P`` keys, the class sums of the pixels
   (one ``scatter_add``), the gather of the pushed pixels and their row writes.
+
+With a prototype classifier (``model.classifier: prototype``) the step's model call passes the
+labels (the classifier clusters, moves its prototypes and returns PPC and PPD), and the
+**classifier step** is timed too: the classifier's training call on its own input features,
+and the backward of its logits (a fixed gradient) and of ``ppc_weight PPC + ppd_weight PPD``.
+``backbone + head`` is then the model's part less the classifier step, which is split into
+(``P`` pixels of the classifier's grid, ``P_l`` of them labelled, ``K`` classes of ``M``
+prototypes, ``C`` input channels, ``D`` the embedding size):
+
+* ``projection + cosines``: ``embed`` (the projection convolutions and the normalisations) and
+  the ``(P x D)(D x K M)`` cosines, forward and backward (a fixed gradient of the cosines);
+  floor: the same products as plain matrix products on ``(P, C)`` rows, ``(P x C)(C x C)``,
+  ``(P x C)(C x D)``, ``(P x D)(D x K M)``, the cosines' input gradient and the four gradients
+  of the convolutions;
+* ``Sinkhorn + assignment``: ``PrototypeClassifier._assign`` (each pixel's own-class cosines,
+  ``segment_sinkhorn``, the argmax and the Gumbel draw); floor: one ``exp`` of the ``(P_l x
+  M)`` scaled scores, one ``index_add_`` of them into ``(K, M)`` per iteration and one argmax;
+* ``prototype update``: ``PrototypeClassifier._update``; floor: one ``index_add_`` of the
+  ``P`` rows of ``D`` and two row normalisations of ``K M x D``;
+* ``PPC + PPD``: the two losses, forward and backward; floor: a ``logsumexp`` over ``(P, K M)``
+  and a gather of the targets, forward and backward;
+* ``classifier rest``: the classifier step minus those four (the labels on the grid, the
+  logits' max and LayerNorm, the targets).
 """
 
 from __future__ import annotations
@@ -43,8 +66,10 @@ from contrastseg.config import ExperimentConfig
 from contrastseg.contrast import contrast_loss, sample_anchors, select_from_bank
 from contrastseg.errors import ConfigError
 from contrastseg.losses import LossSet
+from contrastseg.prototype import TARGET_IGNORE
+from contrastseg.prototype.classifier import _prototype_losses
 
-__all__ = ["PARTS", "format_breakdown", "run_breakdown"]
+__all__ = ["PARTS", "PROTOTYPE_PARTS", "format_breakdown", "parts_of", "run_breakdown"]
 
 PARTS = (
     "backbone + head",
@@ -56,6 +81,14 @@ PARTS = (
     "memory push",
     "rest",
 )
+# With a prototype classifier: its parts, after "backbone + head".
+PROTOTYPE_PARTS = (
+    "projection + cosines",
+    "Sinkhorn + assignment",
+    "prototype update",
+    "PPC + PPD",
+    "classifier rest",
+)
 FLOORS = {
     "projection head": "6 products (P x d)(d x m), (P x m)(m x D) + backward",
     "labels + sampling": "resize, argmax, randperm + sort of P keys, N-row gather/scatter",
@@ -63,8 +96,20 @@ FLOORS = {
     "memory read": "none: read in place",
     "memory term": "(N x D)(D x M) + (N x M)(M x D)",
     "memory push": "randperm + sort of P keys, class sums (scatter_add), row writes",
+    "projection + cosines": "(P x C)(C x C), (P x C)(C x D), (P x D)(D x KM) + backward",
+    "Sinkhorn + assignment": "exp of (P_l x M), index_add_ per iteration, argmax",
+    "prototype update": "index_add_ of P rows of D, 2 row normalisations (KM x D)",
+    "PPC + PPD": "logsumexp over (P x KM) + gather, + backward",
 }
 _BIG_STEP = 10**9
+
+
+def parts_of(cfg: ExperimentConfig) -> tuple[str, ...]:
+    """The breakdown's rows for ``cfg``: ``PARTS``, with ``PROTOTYPE_PARTS`` after the first
+    when the classifier is ``prototype``."""
+    if cfg.model.classifier == "prototype":
+        return (PARTS[0], *PROTOTYPE_PARTS, *PARTS[1:])
+    return PARTS
 
 
 def run_breakdown(
@@ -75,14 +120,17 @@ def run_breakdown(
     repeats: int = 3,
     device: str = "cpu",
 ) -> dict:
-    """Median ms of the step and of each part (``PARTS``), with floors, in one interleaved run.
+    """Median ms of the step and of each part (:func:`parts_of`), with floors, in one
+    interleaved run.
 
     Returns ``{"rows": [...], "meta": {...}}``. Each row: ``part``, ``ms``, ``pct`` (of the
     step; the rows sum to 100), ``floor_ms`` and ``ratio`` (``ms / floor_ms``; ``None`` where a
     part has no floor: the model's own parts, ``rest``, and ``memory read`` for ``all``) and
     ``floor`` (what the floor computes). ``meta``: the sizes (``anchors`` N, ``memory`` M,
     ``dim`` D, the grid, the head's widths), ``step_ms`` and the run's settings. The memory
-    starts full; float32, no autocast.
+    starts full; float32, no autocast. With a prototype classifier, ``meta["classifier"]``
+    holds its sizes and ``classifier_ms``, the median of the classifier step (the sum of its
+    five rows).
     """
     dev = torch.device(device)
     torch.manual_seed(0)
@@ -96,8 +144,16 @@ def run_breakdown(
     base_losses = LossSet(base_cfg, num_classes).to(dev)
 
     # The step's tensors, computed once: features, logits, embeddings, grid labels, anchors.
+    proto = model.prototype_classifier
+    proto_in: list[torch.Tensor] = []
+    hook = None
+    if proto is not None:  # the classifier's input, for its own parts
+        hook = proto.register_forward_pre_hook(lambda _m, args: proto_in.append(args[0]))
     with torch.no_grad():
         out = model(image)
+    if hook is not None:
+        hook.remove()
+    with torch.no_grad():
         features, seg = out["features"].detach(), out["seg"].detach()
         embed = module.projection(features).detach()
     B, D, h, w = embed.shape
@@ -130,7 +186,8 @@ def run_breakdown(
 
     def backbone() -> None:
         model.zero_grad(set_to_none=True)
-        terms = base_losses(model(image), target, step=_BIG_STEP)
+        # The labels reach a prototype classifier (and are ignored otherwise), as in the step.
+        terms = base_losses(model(image, labels=target), target, step=_BIG_STEP)
         terms["total"].backward()
 
     fns["backbone + head"] = backbone
@@ -291,6 +348,10 @@ def run_breakdown(
 
         fns["memory push floor"] = push_floor
 
+    classifier = None
+    if proto is not None:
+        classifier = _prototype_fns(fns, proto, proto_in[0].detach(), target, cfg, g)
+
     names = list(fns)
     times = dict(zip(names, interleaved_median_ms(list(fns.values()), dev, repeats), strict=True))
     step_ms = times["step"]
@@ -303,9 +364,16 @@ def run_breakdown(
         "memory term": times["loss with memory"] - times["in-batch term"] if memory else 0.0,
         "memory push": times.get("memory push", 0.0),
     }
+    if classifier is not None:
+        classifier_ms = times["classifier step"]
+        ms["backbone + head"] -= classifier_ms
+        for part in PROTOTYPE_PARTS[:-1]:
+            ms[part] = times[part]
+        ms["classifier rest"] = classifier_ms - sum(times[p] for p in PROTOTYPE_PARTS[:-1])
+        classifier["classifier_ms"] = classifier_ms
     ms["rest"] = step_ms - sum(ms.values())
     rows = []
-    for part in PARTS:
+    for part in parts_of(cfg):
         floor_ms = times.get(f"{part} floor")
         floor = FLOORS.get(part, "-")
         if part == "memory read" and mode not in (None, "all"):
@@ -338,8 +406,140 @@ def run_breakdown(
         "dim": D,
         "head": f"{features.shape[1]}->{hidden}->{D}",
         "step_ms": step_ms,
+        "classifier": classifier,
     }
     return {"rows": rows, "meta": meta}
+
+
+def _prototype_fns(
+    fns: dict,
+    proto,
+    features: torch.Tensor,
+    target: torch.Tensor,
+    cfg: ExperimentConfig,
+    g: torch.Generator,
+) -> dict:
+    """Adds to ``fns`` the prototype classifier's step, its four parts and their floors, on the
+    classifier's input ``features (B, C, h, w)``; returns the classifier's sizes."""
+    dev = features.device
+    B, C, h, w = features.shape
+    P = B * h * w
+    K, M, D = proto.num_classes, proto.num_prototypes, proto.dim
+    weights = (cfg.loss.prototype.ppc_weight, cfg.loss.prototype.ppd_weight)
+    grad_logits = torch.randn(B, K, h, w, generator=g).to(dev)
+    grad_cos = torch.randn(P, K * M, generator=g).to(dev)
+
+    def unit_prototypes() -> torch.Tensor:
+        return F.normalize(proto.prototypes, p=2.0, dim=-1).reshape(K * M, D)
+
+    # The classifier step: the training call and the backward of its logits and losses.
+    xc = features.clone().requires_grad_(True)
+
+    def classifier_step() -> None:
+        xc.grad = None
+        proto.zero_grad(set_to_none=True)
+        out = proto(xc, target)
+        torch.autograd.backward([out.logits, out.loss(*weights)], [grad_logits, None])
+
+    fns["classifier step"] = classifier_step
+
+    # Projection + cosines, and their floor: the products on channels-last rows.
+    xp = features.clone().requires_grad_(True)
+
+    def projection() -> None:
+        xp.grad = None
+        proto.zero_grad(set_to_none=True)
+        (proto.embed(xp) @ unit_prototypes().t()).backward(grad_cos)
+
+    fns["projection + cosines"] = projection
+    convs = [m for m in proto.projection.modules() if isinstance(m, torch.nn.Conv2d)]
+    conv_w = [c.weight.detach().flatten(1).t().contiguous() for c in convs]  # (in, out)
+    rows = features.permute(0, 2, 3, 1).reshape(P, C).contiguous()
+    protos_t = unit_prototypes().detach().t().contiguous()  # (D, K M)
+
+    def projection_floor() -> None:
+        acts = [rows]
+        for wt in conv_w:
+            acts.append(acts[-1] @ wt)
+        acts[-1] @ protos_t  # cosines
+        grad = grad_cos @ protos_t.t()  # their input gradient
+        for wt, act in zip(reversed(conv_w), reversed(acts[:-1]), strict=True):
+            act.t() @ grad  # weight gradient
+            grad = grad @ wt.t()  # input gradient
+
+    fns["projection + cosines floor"] = projection_floor
+
+    # What the training call computes before the three other parts, once.
+    with torch.no_grad():
+        embed = proto.embed(features)
+        cosines = embed @ unit_prototypes().t()
+        cls = proto.grid_labels(target, (h, w))
+        valid = cls < K
+        scores = proto.mask_norm(cosines.reshape(P, K, M).amax(2))
+        correct = valid & (scores.argmax(1) == cls)
+        own, nearest, moved_to = proto._assign(cosines, cls)
+
+    def assign() -> None:
+        proto._assign(cosines, cls)
+
+    fns["Sinkhorn + assignment"] = assign
+    scaled = (own[valid] / proto.sinkhorn_epsilon).contiguous()  # (P_l, M)
+    labelled_cls = cls[valid]
+    labelled = scaled.shape[0]
+
+    def assign_floor() -> None:
+        plan = torch.exp(scaled)
+        for _ in range(proto.sinkhorn_iterations):
+            torch.zeros(K, M, device=dev).index_add_(0, labelled_cls, plan)
+        plan.argmax(1)
+
+    fns["Sinkhorn + assignment floor"] = assign_floor
+
+    slot = cls * M + moved_to
+
+    def update() -> None:
+        with torch.no_grad():
+            proto._update(embed, slot, correct)
+
+    fns["prototype update"] = update
+    update_rows = torch.where(correct, slot, K * M)
+    old = proto.prototypes.detach().reshape(K * M, D).clone()
+
+    def update_floor() -> None:
+        sums = torch.zeros(K * M + 1, D, device=dev).index_add_(0, update_rows, embed)
+        F.normalize(old, p=2.0, dim=-1)
+        F.normalize(sums[: K * M], p=2.0, dim=-1)
+
+    fns["prototype update floor"] = update_floor
+
+    # PPC + PPD, forward and backward, and their floor.
+    target_slot = torch.where(valid, cls * M + nearest, TARGET_IGNORE)
+    gather_index = target_slot.clamp_min(0)[:, None]
+    c = cosines.clone().requires_grad_(True)
+
+    def prototype_losses() -> None:
+        c.grad = None
+        ppc, ppd = _prototype_losses(c, target_slot, valid)
+        (weights[0] * ppc + weights[1] * ppd).backward()
+
+    fns["PPC + PPD"] = prototype_losses
+
+    def losses_floor() -> None:
+        c.grad = None
+        (torch.logsumexp(c, 1).sum() - c.gather(1, gather_index).sum()).backward()
+
+    fns["PPC + PPD floor"] = losses_floor
+    return {
+        "grid": f"{h}x{w}",
+        "pixels": P,
+        "labelled": labelled,
+        "classes": K,
+        "prototypes": M,
+        "channels": C,
+        "dim": D,
+        "iterations": proto.sinkhorn_iterations,
+        "assignment": proto.assignment,
+    }
 
 
 def format_breakdown(result: dict) -> str:
@@ -348,22 +548,40 @@ def format_breakdown(result: dict) -> str:
     memory = (
         f"memory {m['memory']} entries ({m['memory_sampling']})" if m["memory"] else "no memory"
     )
+    c = m.get("classifier")
+    pw = max(18, *(len(r["part"]) for r in result["rows"]))
     lines = [
         f"{m['model']}  batch {m['batch']}  input {m['size']}  device {m['device']}  "
         f"median of {m['repeats']} interleaved repeats",
         f"grid {m['grid']}, {m['anchors']} anchors (max_views {m['max_views']}), {memory}, "
         f"D {m['dim']}, projection head {m['head']}",
-        f"{'part':<18} {'ms':>9} {'% step':>7} {'floor ms':>9} {'part/floor':>10}  floor",
     ]
+    if c:
+        lines.append(
+            f"prototype classifier: grid {c['grid']}, P {c['pixels']} pixels ({c['labelled']} "
+            f"labelled), K {c['classes']} x M {c['prototypes']} prototypes, C {c['channels']} "
+            f"-> D {c['dim']}, {c['iterations']} Sinkhorn iterations, {c['assignment']}"
+        )
+    lines.append(
+        f"{'part':<{pw}} {'ms':>9} {'% step':>7} {'floor ms':>9} {'part/floor':>10}  floor"
+    )
     lines.append("-" * len(lines[-1]))
     for r in result["rows"]:
         floor = "-" if r["floor_ms"] is None else f"{r['floor_ms']:.1f}"
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
         lines.append(
-            f"{r['part']:<18} {r['ms']:>9.1f} {r['pct']:>6.1f}% {floor:>9} {ratio:>10}  "
+            f"{r['part']:<{pw}} {r['ms']:>9.1f} {r['pct']:>6.1f}% {floor:>9} {ratio:>10}  "
             f"{r['floor']}"
         )
-    lines.append(f"{'step':<18} {m['step_ms']:>9.1f} {100.0:>6.1f}%")
+    if c:
+        ms = {r["part"]: r["ms"] for r in result["rows"]}
+        four = sum(ms[p] for p in PROTOTYPE_PARTS[:-1])
+        lines.append(
+            f"{'classifier step':<{pw}} {c['classifier_ms']:>9.1f} "
+            f"{100.0 * c['classifier_ms'] / m['step_ms']:>6.1f}%  measured: its four parts "
+            f"{four:.1f} + classifier rest {ms['classifier rest']:.1f}"
+        )
+    lines.append(f"{'step':<{pw}} {m['step_ms']:>9.1f} {100.0:>6.1f}%")
     return "\n".join(lines)
 
 
