@@ -403,7 +403,8 @@ def bench_step(
         typer.Option(
             "--breakdown",
             help="Split the contrast step into its parts (ms, % of the step) with each "
-            "contrast part's floor: the same products as plain library calls, same run.",
+            "contrast part's floor: the same products as plain library calls, same run; with "
+            "a prototype classifier, its parts and their floors too.",
         ),
     ] = False,
 ) -> None:
