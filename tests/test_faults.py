@@ -18,8 +18,8 @@ def poison(trainer, bad_iterations):
     """Make the model's logits NaN at the given (0-based) iterations."""
     forward = trainer.model.forward
 
-    def patched(x):
-        out = forward(x)
+    def patched(x, labels=None):
+        out = forward(x, labels=labels)
         if trainer.iteration in bad_iterations:
             out = {k: v * float("nan") for k, v in out.items()}
         return out
