@@ -239,3 +239,50 @@ def test_the_contrast_module_must_match_the_config():
     off = load_config(None, [])
     with pytest.raises(ConfigError, match="loss.contrast.enabled is False"):
         LossSet(off.loss, 3, contrast=PixelContrast(3, 8))
+
+
+@pytest.mark.parametrize(
+    "weights", [(), ("loss.prototype.ppc_weight=0.5", "loss.prototype.ppd_weight=2.0")]
+)
+@pytest.mark.parametrize("fraction", [1.0, 0.25])
+def test_prototype_terms_through_the_public_modules_match_a_float64_reference(weights, fraction):
+    """LossSet + PrototypeClassifier, then backward(), against plain float64 autograd on a twin
+    classifier: total, the gradients of the features and of every parameter, and the state left
+    behind (prototypes, generator)."""
+    from contrastseg.prototype import PrototypeClassifier
+
+    cfg = load_config(None, list(weights))
+    g = torch.Generator().manual_seed(3)
+    feats = torch.randn(2, 8, 6, 8, generator=g, dtype=torch.float64)
+    target = torch.randint(0, 3, (2, 12, 16), generator=g)
+    target[:, :2] = IGN
+
+    def run(use_loss_set: bool):
+        torch.manual_seed(7)  # the projection convs' initialisation, the same for both twins
+        clf = PrototypeClassifier(3, 8, num_prototypes=2, seed=5).double().train()
+        x = feats.clone().requires_grad_(True)
+        out = clf(x, target)
+        if use_loss_set:
+            outputs = {"seg": out.logits, "ppc": out.ppc, "ppd": out.ppd}
+            total = LossSet(cfg.loss, 3)(outputs, target, step=0, fraction=fraction)["total"]
+        else:
+            up = torch.nn.functional.interpolate(
+                out.logits, (12, 16), mode="bilinear", align_corners=cfg.loss.ce.align_corners
+            )
+            ce = torch.nn.functional.cross_entropy(up, target, ignore_index=IGN)
+            p = cfg.loss.prototype
+            # CE is normalised by the step's labelled pixels; the other terms scale by fraction
+            total = ce + fraction * (p.ppc_weight * out.ppc + p.ppd_weight * out.ppd)
+        total.backward()
+        return total, x.grad, clf
+
+    got, got_grad, got_clf = run(True)
+    want, want_grad, want_clf = run(False)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-12, atol=1e-14)
+    for (name, a), (_, b) in zip(
+        got_clf.named_parameters(), want_clf.named_parameters(), strict=True
+    ):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-14, msg=name)
+    torch.testing.assert_close(got_clf.prototypes, want_clf.prototypes, rtol=0, atol=0)
+    assert torch.equal(got_clf.generator_state(), want_clf.generator_state())
