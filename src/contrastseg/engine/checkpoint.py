@@ -262,7 +262,9 @@ def load_checkpoint(path: Path) -> dict:
     :mod:`contrastseg.engine.checkpoint_parts`."""
     path = Path(path)
     state = read_file(path)
-    if isinstance(state, dict) and DIGEST_KEY in state:  # damage first: it explains the rest
+    # the digest before the header: damage explains whatever else is wrong (and a file without
+    # one gets its notice here)
+    if isinstance(state, dict):
         _check_digest(path, state)
     version = _check_header(path, state)
     if version < FORMAT_VERSION:
@@ -271,7 +273,6 @@ def load_checkpoint(path: Path) -> dict:
             f"({FORMAT_VERSION}); convert it with `contrastseg checkpoint upgrade {path} "
             "NEW.pt` (the original is kept)"
         )
-    _check_digest(path, state)
     return state
 
 
