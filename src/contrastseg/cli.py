@@ -214,10 +214,15 @@ def predict(
 @app.command("export")
 def export_model(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint file.")],
-    format: Annotated[str, typer.Option("--format", help="onnx or torchscript.")] = "onnx",
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format", help="onnx, torchscript or torch-export (a torch.export program, .pt2)."
+        ),
+    ] = "onnx",
     out: Annotated[
         Path | None,
-        typer.Option(help="Model file (default: next to CKPT, .onnx or .torchscript.pt)."),
+        typer.Option(help="Model file (default: next to CKPT, .onnx, .torchscript.pt or .pt2)."),
     ] = None,
     opset: Annotated[int | None, typer.Option(help="ONNX opset, 18 or newer (default 18).")] = None,
 ) -> None:

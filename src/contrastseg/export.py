@@ -1,16 +1,19 @@
-"""Export the inference graph of a checkpoint to ONNX or TorchScript, with a JSON sidecar.
+"""Export the inference graph of a checkpoint to ONNX, TorchScript or a torch.export program
+(``.pt2``), with a JSON sidecar.
 
 The exported model is :class:`~contrastseg.models.segmentor.InferenceModel`: backbone and decode
 head only (the auxiliary and projection heads serve training alone). It maps a normalised
 float32 batch ``(N, 3, H, W)`` to logits ``(N, K, H, W)`` at the input resolution; batch, height
-and width are free. ``<model file>.json`` next to it holds what a deployer needs besides the
-graph: class names, palette, mean/std and the input and output conventions (docs/deployment.md).
+and width are free (a ``.pt2`` program takes height and width of MIN_SIDE and up).
+``<model file>.json`` next to it holds what a deployer needs besides the graph: class names,
+palette, mean/std and the input and output conventions (docs/deployment.md).
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +26,7 @@ import torch
 from contrastseg.errors import ConfigError, ContrastSegError
 from contrastseg.files import atomic_write, real_path
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
+FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "torch-export": ".pt2"}
 DEFAULT_OPSET = 18  # the lowest opset the torch.onnx (dynamo) exporter writes natively
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 # The graph is traced on TRACE_SHAPE and the written file checked on VERIFY_SHAPES: other batch
@@ -32,6 +35,10 @@ INPUT_NAME, OUTPUT_NAME = "image", "logits"
 TRACE_SHAPE = (2, 3, 64, 96)
 VERIFY_SHAPES = ((1, 3, 96, 128), (3, 3, 64, 64), (1, 3, 97, 131))
 SIDECAR_VERSION = 1
+# The smallest height and width of a torch.export program. At 32 the stride-32 feature map of
+# the backbones is one pixel, a case the exporter specialises away (it would otherwise treat
+# a side of 1 as broadcastable); from 33 up every stage has a side of 2 or more.
+MIN_SIDE = 33
 
 
 @dataclass
@@ -63,7 +70,7 @@ def sidecar_path(model_path: Path) -> Path:
 
 def default_output(checkpoint: Path, format: str) -> Path:
     """Next to the checkpoint: ``iter_0000800.pt`` -> ``iter_0000800.onnx`` (or
-    ``iter_0000800.torchscript.pt``)."""
+    ``iter_0000800.torchscript.pt``, ``iter_0000800.pt2``)."""
     checkpoint = Path(checkpoint)
     return checkpoint.with_name(checkpoint.stem + FORMATS[format])
 
@@ -94,9 +101,11 @@ def export_checkpoint(
     """Export the inference model of ``checkpoint`` to ``out`` (default: next to the checkpoint)
     and write the sidecar ``<out>.json``.
 
-    ``format``: ``onnx`` (opset ``opset``, default 18; dynamic batch, height and width) or
-    ``torchscript`` (scripted; traced when scripting fails, e.g. timm's HRNet). With ``verify``
-    the written file is loaded back (onnxruntime on the CPU, or ``torch.jit.load``) and run on
+    ``format``: ``onnx`` (opset ``opset``, default 18; dynamic batch, height and width),
+    ``torchscript`` (scripted; traced when scripting fails, e.g. timm's HRNet) or
+    ``torch-export`` (a ``torch.export`` program saved with ``torch.export.save``; dynamic
+    batch, height and width of MIN_SIDE and up). With ``verify`` the written file is loaded back
+    (onnxruntime on the CPU, ``torch.jit.load`` or :func:`load_exported_program`) and run on
     random inputs of VERIFY_SHAPES; a max abs logit difference to PyTorch above ``tolerance``
     raises ``ContrastSegError`` and nothing is written. Both files are written atomically.
     The checkpoint is read safely and checked (digest, parts, finite weights; see
@@ -115,29 +124,98 @@ def export_checkpoint(
         raise ConfigError(f"--out {out}: is a folder; give a file name")
     segmentor, cfg, state = load_trained_model(checkpoint, "cpu")
     net = InferenceModel(segmentor).eval()
+    model = f"model.head {cfg.model.head!r} on model.backbone.name {cfg.model.backbone.name!r}"
+    written = write_model(
+        net, out, format, opset, verify, tolerance, source=checkpoint, model=model
+    )
+    info = sidecar(
+        cfg, state, segmentor, checkpoint, out, format, opset, written.max_abs_diff, tolerance
+    )
+    if written.sizes is not None:
+        info["accepted_sizes"] = written.sizes
+    side = sidecar_path(out)
+    atomic_write(side, lambda p: p.write_text(json.dumps(info, indent=2) + "\n"))
+    return ExportResult(out, side, written.max_abs_diff)
+
+
+@dataclass
+class WrittenModel:
+    """What :func:`write_model` wrote: the largest |exported - PyTorch| logit on VERIFY_SHAPES
+    (None when not verified) and, for a torch.export program, the sizes it accepts (the
+    sidecar's ``accepted_sizes``; None for the other formats)."""
+
+    max_abs_diff: float | None
+    sizes: dict | None = None
+
+
+def write_model(
+    net: torch.nn.Module,
+    out: Path,
+    format: str,
+    opset: int | None = None,
+    verify: bool = True,
+    tolerance: float = 1e-3,
+    source: Path | str = "the model",
+    model: str = "the model",
+) -> WrittenModel:
+    """Write ``net`` (an :class:`InferenceModel` in eval mode) to ``out`` in ``format``, load the
+    file back and compare it with ``net`` on VERIFY_SHAPES, atomically: when the export or the
+    check fails, ``ContrastSegError`` says why in one line and ``out`` is not written.
+    ``source`` (the checkpoint) and ``model`` (its head and backbone) name what is exported in
+    the messages. This is what :func:`export_checkpoint` (and so ``contrastseg export``) runs."""
+    check_options(format, opset)
+    if format == "onnx":
+        opset = opset or DEFAULT_OPSET
+    sizes: dict | None = None
 
     def write_and_verify(tmp: Path) -> float | None:
+        nonlocal sizes
         if format == "onnx":
             _write_onnx(net, tmp, opset)
+        elif format == "torch-export":
+            sizes = _write_torch_export(net, tmp, model)
         else:
             _write_torchscript(net, tmp)
         if not verify:
             return None
-        run = _onnx_runner(tmp) if format == "onnx" else _torchscript_runner(tmp)
-        diff = _max_abs_diff(net, run)
+        runners = {
+            "onnx": _onnx_runner,
+            "torchscript": _torchscript_runner,
+            "torch-export": _torch_export_runner,
+        }
+        diff = _max_abs_diff(net, runners[format](tmp))
         if not diff <= tolerance:
             raise ContrastSegError(
-                f"{checkpoint}: the exported {format} model differs from PyTorch by {diff:.3g} "
+                f"{source}: the exported {format} model differs from PyTorch by {diff:.3g} "
                 f"(tolerance {tolerance:g}) on inputs {list(VERIFY_SHAPES)}; {out} was not "
-                "written. Try the other --format"
+                "written. Try another --format"
             )
         return diff
 
-    diff = atomic_write(out, write_and_verify)
-    info = sidecar(cfg, state, segmentor, checkpoint, out, format, opset, diff, tolerance)
-    side = sidecar_path(out)
-    atomic_write(side, lambda p: p.write_text(json.dumps(info, indent=2) + "\n"))
-    return ExportResult(out, side, diff)
+    diff = atomic_write(Path(out), write_and_verify)
+    return WrittenModel(diff, sizes)
+
+
+def load_exported_program(path: Path | str) -> torch.nn.Module:
+    """The callable module of a ``.pt2`` file written by ``contrastseg export --format
+    torch-export``: ``load_exported_program(path)(x)`` with ``x`` a normalised float32
+    ``(N, 3, H, W)`` tensor (H, W >= MIN_SIDE) gives the logits ``(N, K, H, W)``; run it under
+    ``torch.no_grad()`` (or ``torch.inference_mode()``).
+
+    Not a safe loader: ``torch.export.load`` unpickles parts of the file (the sample inputs,
+    with a fallback to ``weights_only=False``), so a crafted file can run code. Load only files
+    you wrote or trust (docs/deployment.md)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:  # a handle: the loader wants a buffer or a name in .pt2
+            return torch.export.load(f).module()
+    except OSError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a broken archive fails in many ways
+        raise ContrastSegError(
+            f"{path}: torch.export.load cannot read it ({type(err).__name__}: "
+            f"{_first_line(err)}); export it again"
+        ) from err
 
 
 def sidecar(
@@ -241,6 +319,93 @@ def _write_torchscript(net: torch.nn.Module, path: Path) -> None:
         torch.jit.save(module, str(path))
 
 
+def _write_torch_export(net: torch.nn.Module, path: Path, model: str) -> dict:
+    """``torch.export.export`` with dynamic batch (1 and up), height and width (MIN_SIDE and up),
+    saved with ``torch.export.save``. Returns the sizes the program accepts (its range
+    constraints, and the run-time checks it carries, in terms of batch, height and width).
+
+    Where the exporter cannot prove a condition from the ranges alone (that a feature map's side
+    is not 1, written as ``Mod`` expressions for the pyramid pooling, the prototype classifier's
+    reshapes and UPerNet), ``prefer_deferred_runtime_asserts_over_guards`` keeps it as a check in
+    the program instead of failing; at MIN_SIDE and up each one holds, and the check on
+    VERIFY_SHAPES runs them."""
+    dims = {
+        0: torch.export.Dim("batch", min=1),
+        2: torch.export.Dim("height", min=MIN_SIDE),
+        3: torch.export.Dim("width", min=MIN_SIDE),
+    }
+    try:
+        with torch.no_grad():
+            program = torch.export.export(
+                net,
+                (torch.randn(TRACE_SHAPE),),
+                dynamic_shapes=(dims,),
+                prefer_deferred_runtime_asserts_over_guards=True,
+            )
+    except Exception as err:  # noqa: BLE001 - the exporter fails in many ways
+        raise ContrastSegError(
+            f"torch.export cannot export {model} ({type(err).__name__}: {_first_line(err)}); "
+            "try --format onnx or --format torchscript"
+        ) from err
+    sizes = _accepted_sizes(program)
+    with open(path, "wb") as f:  # a handle: the writer wants a buffer or a name in .pt2
+        torch.export.save(program, f)
+    return sizes
+
+
+def _accepted_sizes(program) -> dict:
+    """``{"batch": {"min", "max"}, "height": ..., "width": ..., "runtime_checks": [...]}`` of an
+    ExportedProgram: each dynamic axis's range (``max`` None when unbounded) and the conditions
+    of its run-time assertions, with the exporter's symbols renamed to the axes' names."""
+    import sympy
+
+    (name,) = program.graph_signature.user_inputs
+    (node,) = [n for n in program.graph.nodes if n.op == "placeholder" and n.name == name]
+    shape = node.meta["val"].shape
+    sizes: dict = {}
+    renames = {}
+    for axis, label in ((0, "batch"), (2, "height"), (3, "width")):
+        dim = shape[axis]
+        if isinstance(dim, int):
+            sizes[label] = {"min": dim, "max": dim}
+            continue
+        expr = dim.node.expr
+        bounds = program.range_constraints.get(expr)
+        if not isinstance(expr, sympy.Symbol) or bounds is None:
+            sizes[label] = {"expression": str(expr)}
+            continue
+        renames[str(expr)] = label
+        upper = bounds.upper
+        sizes[label] = {
+            "min": int(bounds.lower),
+            "max": int(upper) if isinstance(upper, sympy.Integer) else None,
+        }
+    checks = []
+    for n in program.graph.nodes:
+        if n.target is torch.ops.aten._assert_scalar.default and len(n.args) > 1:
+            found = re.search(r"for expression (.*) on node", str(n.args[1]))
+            text = found.group(1) if found else str(n.args[1])
+            for symbol, label in renames.items():
+                text = re.sub(rf"\b{symbol}\b", label, text)
+            checks.append(text)
+    sizes["runtime_checks"] = checks
+    return sizes
+
+
+def _first_line(err: BaseException) -> str:
+    """The first non-empty line of an exception's message; for the exporter's "Constraints
+    violated" error, with its first violated condition."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return "no message"
+    first = lines[0]
+    if first.startswith("Constraints violated"):
+        detail = next((line for line in lines[1:] if line.startswith("- ")), None)
+        if detail:
+            first = f"{first} {detail[2:]}"
+    return first
+
+
 def _onnx_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
     ort = import_optional("onnxruntime")
     options = ort.SessionOptions()
@@ -261,6 +426,22 @@ def _torchscript_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
     return run
 
 
+def _torch_export_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    module = load_exported_program(path)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        try:
+            with torch.no_grad():
+                return module(torch.from_numpy(x)).numpy()
+        except Exception as err:  # noqa: BLE001 - the program's own checks, or a kernel
+            raise ContrastSegError(
+                f"the exported program refused an input of shape {list(x.shape)} "
+                f"({type(err).__name__}: {_first_line(err)}); try another --format"
+            ) from err
+
+    return run
+
+
 @torch.no_grad()
 def _max_abs_diff(net: torch.nn.Module, run: Callable[[np.ndarray], np.ndarray]) -> float:
     """Largest |run(x) - net(x)| over random inputs of VERIFY_SHAPES; a wrong output shape
@@ -274,7 +455,7 @@ def _max_abs_diff(net: torch.nn.Module, run: Callable[[np.ndarray], np.ndarray])
         if got.shape != ref.shape:
             raise ContrastSegError(
                 f"the exported model returned shape {got.shape} for input {shape}, PyTorch "
-                f"{ref.shape}: its shapes do not generalise; try the other --format"
+                f"{ref.shape}: its shapes do not generalise; try another --format"
             )
         worst = max(worst, float(np.abs(got - ref).max()))
     return worst
