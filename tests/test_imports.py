@@ -29,7 +29,7 @@ FLOORS: list[set[str]] = [
     {"config"},
     {"data", "models", "losses", "contrast", "prototype"},
     {"engine", "rundir"},
-    {"viz", "report", "export", "onnx_predict", "convert", "benchmarks", "workflow"},
+    {"viz", "report", "export", "hub", "onnx_predict", "convert", "benchmarks", "workflow"},
     {"cli", "__main__"},
 ]
 FLOOR_OF = {name: level for level, names in enumerate(FLOORS) for name in names}

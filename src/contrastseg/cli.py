@@ -226,10 +226,26 @@ def export_model(
     ] = None,
     opset: Annotated[int | None, typer.Option(help="ONNX opset, 18 or newer (default 18).")] = None,
 ) -> None:
-    """Export the inference model (no auxiliary or projection head) and its JSON sidecar."""
+    """Export the inference model (no auxiliary or projection head) and its JSON sidecar, or,
+    with --format hub, as a model folder (model.safetensors, config.json, README.md) that
+    from_pretrained, predict and eval load. CKPT may be a checkpoint, a model folder or a Hub id."""
     from contrastseg.export import export_checkpoint, sidecar_path
     from contrastseg.files import check_output_file
 
+    if format == "hub":
+        from contrastseg.errors import ConfigError
+
+        if opset is not None:
+            raise ConfigError(f"opset {opset}: an opset applies to --format onnx only, not 'hub'")
+        from contrastseg.hub import check_new_folder, default_folder, save_pretrained
+
+        folder = check_new_folder(out if out is not None else default_folder(checkpoint))
+        written = save_pretrained(checkpoint, folder)
+        typer.echo(
+            f"wrote {written}/ (model.safetensors, config.json, README.md); load it with "
+            f"from_pretrained({str(written)!r}) or --checkpoint {written}"
+        )
+        return
     if out is not None:  # before the slow export: the model file and its sidecar
         check_output_file(out, "export --out")
         check_output_file(sidecar_path(out), "the sidecar of export --out")

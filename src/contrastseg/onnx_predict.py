@@ -7,13 +7,12 @@ needs no checkpoint and no config, only ``MODEL.onnx`` and ``MODEL.onnx.json``.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 
 from contrastseg.data import normalize
-from contrastseg.engine.checkpoint_parts import check_class_names, check_palette
+from contrastseg.engine.checkpoint_parts import check_channels, check_class_names, check_palette
 from contrastseg.engine.inference import PredictResult, predict_files
 from contrastseg.errors import CheckpointError, one_line
 from contrastseg.export import import_optional, sidecar_path
@@ -27,17 +26,6 @@ def _field(path: Path, info: dict, key: str, kind: type, what: str):
     if not isinstance(value, kind) or isinstance(value, bool):
         raise CheckpointError(f"{path}: sidecar field {key!r} is {str(value)[:60]}, not {what}")
     return value
-
-
-def _channels(path: Path, values, key: str) -> list[float]:
-    ok = isinstance(values, list) and len(values) == 3
-    ok = ok and all(type(v) in (int, float) and math.isfinite(v) for v in values)
-    if not ok or key == "std" and min(values) <= 0:
-        rule = "3 positive numbers" if key == "std" else "3 finite numbers"
-        raise CheckpointError(
-            f"{path}: sidecar field input.{key} = {str(values)[:60]} is not {rule}; export again"
-        )
-    return [float(v) for v in values]
 
 
 def load_sidecar(model_path: Path) -> dict:
@@ -76,8 +64,8 @@ def load_sidecar(model_path: Path) -> dict:
     for part, key in (("input", inp), ("output", out)):
         if not isinstance(key.get("name"), str):
             raise CheckpointError(f"{path}: sidecar field {part}.name is not a string")
-    inp["mean"] = _channels(path, inp.get("mean"), "mean")
-    inp["std"] = _channels(path, inp.get("std"), "std")
+    inp["mean"] = check_channels(path, inp.get("mean"), "input.mean")
+    inp["std"] = check_channels(path, inp.get("std"), "input.std")
     names = check_class_names(path, info["class_names"])
     info["palette"] = check_palette(path, info["palette"], len(names))
     return info

@@ -10,6 +10,7 @@ missing or of the wrong type never reaches a ``KeyError`` or ``TypeError`` deep 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,19 @@ def check_palette(path: Path, palette: Any, num_classes: int) -> list[list[int]]
                 f"{path}: palette[{i}] = {str(colour)[:60]} is not an [R, G, B] of integers 0..255"
             )
     return [list(c) for c in palette]
+
+
+def check_channels(path: Path, values: Any, field: str) -> list[float]:
+    """``values`` as 3 floats when they are 3 finite numbers (3 positive ones for a field
+    ending in ``std``): a per-channel mean or std; ``CheckpointError`` naming ``path`` and
+    ``field`` otherwise."""
+    std = field.endswith("std")
+    ok = isinstance(values, list) and len(values) == 3
+    ok = ok and all(type(v) in (int, float) and math.isfinite(v) for v in values)
+    if not ok or std and min(values) <= 0:
+        rule = "3 positive numbers" if std else "3 finite numbers"
+        raise CheckpointError(f"{path}: field {field} = {str(values)[:60]} is not {rule}")
+    return [float(v) for v in values]
 
 
 def _weights(path: Path, weights: dict) -> dict[str, torch.Tensor]:

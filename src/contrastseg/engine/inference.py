@@ -27,6 +27,7 @@ from contrastseg.engine.checkpoint_parts import (
 )
 from contrastseg.engine.evaluator import evaluate, format_table, write_eval_json
 from contrastseg.engine.inference_modes import infer_scores
+from contrastseg.engine.pretrained import hub_id, read_folder, resolve_folder
 from contrastseg.engine.runtime import resolve_device
 from contrastseg.errors import CheckpointError, DataError, one_line
 from contrastseg.files import atomic_write, check_output_dir, real_path
@@ -42,7 +43,17 @@ def load_trained_model(
     the pixel-contrast module of a contrast run lives in ``state["loss"]``). The file is read
     safely and its digest checked (:func:`contrastseg.engine.checkpoint.load_checkpoint`); a
     missing or malformed part, weights that do not fit the model of its config, and non-finite
-    weights raise ``CheckpointError`` naming the file and the part."""
+    weights raise ``CheckpointError`` naming the file and the part.
+
+    ``path`` may also be a model folder (``model.safetensors`` + ``config.json``) or a Hub
+    model id (``owner/name``, ``hf-hub:owner/name@rev``): :mod:`contrastseg.engine.pretrained`
+    reads it (backbone and decode head; the state holds ``class_names``, ``palette``,
+    ``iteration`` and the training recipe as ``config``)."""
+    folder = resolve_folder(path)
+    if folder is not None:
+        model, cfg, state = read_folder(folder)
+        device = resolve_device(str(device)) if isinstance(device, str) else device
+        return model.to(device), cfg, state
     state = load_checkpoint(Path(path))
     parts = check_model_parts(path, state)
     check_finite(path, parts.weights)
@@ -97,8 +108,14 @@ def predict_ids(model: Segmentor, cfg: ExperimentConfig, rgb: np.ndarray) -> np.
 
 def eval_json_path(checkpoint: Path, out: Path | None = None) -> Path:
     """Where :func:`evaluate_checkpoint` writes: ``out``, else ``eval.json`` of the run the
-    checkpoint belongs to (``runs/NAME/checkpoints/X.pt`` -> ``runs/NAME/eval.json``)."""
-    return out or real_path(checkpoint).parent.parent / "eval.json"
+    checkpoint belongs to (``runs/NAME/checkpoints/X.pt`` -> ``runs/NAME/eval.json``); for a
+    model folder or a Hub model id, ``eval.json`` in the current folder (a folder may be
+    shared or a read-only download)."""
+    if out:
+        return out
+    if Path(checkpoint).is_dir() or hub_id(checkpoint) is not None:
+        return Path("eval.json")
+    return real_path(checkpoint).parent.parent / "eval.json"
 
 
 def evaluate_checkpoint(
