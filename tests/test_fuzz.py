@@ -2415,6 +2415,234 @@ def test_fuzz_run_folders(base, tmp_path):
     fam.check()
 
 
+# ----------------------------------------------------------------------------- 12. model folders
+FOLDER_NAMES = ("config.json", "model.safetensors", "README.md")
+FOLDER_KEYS = [
+    "contrastseg_model_format",
+    "model",
+    "model.head",
+    "model.backbone.name",
+    "model.classifier",
+    "input",
+    "input.mean",
+    "input.std",
+    "input.channels",
+    "num_classes",
+    "class_names",
+    "palette",
+    "evaluation",
+    "evaluation.procedure",
+    "evaluation.procedure.mode",
+    "evaluation.procedure.scales",
+    "evaluation.results",
+    "training",
+    "weights",
+    "weights.sha256",
+    "weights.file",
+    "digest",
+]
+FOLDER_VALUES = [
+    "(removed)",
+    None,
+    0,
+    -1,
+    2,
+    3,
+    "x",
+    "BGR",
+    "hrnetv2",
+    [],
+    {},
+    [math.nan] * 3,
+    [0.0, 0.0, 0.0],
+    [0.5, 0.5],
+    ["a", "b"],
+    ["a", "b", "c"],
+    [[0, 0, 0]] * 3,
+    [[300, 0, 0]] * 3,
+    [f"c{i}" for i in range(300)],
+    1e308,
+    True,
+    "0" * 64,
+]
+
+
+def model_folder_files(ck: str, dst: str) -> dict[str, bytes]:
+    """The three files of ``export --format hub`` of ``ck`` (run in a child)."""
+    from contrastseg import save_pretrained
+
+    folder = save_pretrained(ck, dst)
+    return {name: (folder / name).read_bytes() for name in FOLDER_NAMES}
+
+
+def reseal_config(info: dict, weights: bytes | None, how: str) -> bytes:
+    """config.json after a deliberate edit: ``renew`` records the weights' SHA-256 and a new
+    digest; ``drop`` removes the digest; ``keep`` leaves the old one (a changed file)."""
+    import hashlib
+
+    from contrastseg.digest import content_digest
+
+    if how != "keep":
+        info.pop("digest", None)
+        if isinstance(info.get("weights"), dict) and weights is not None:
+            info["weights"]["sha256"] = hashlib.sha256(weights).hexdigest()
+        if how == "renew":
+            info["digest"] = content_digest(info)
+    return json.dumps(info, allow_nan=True).encode()
+
+
+@st.composite
+def folder_mutations(draw, files: dict[str, bytes]):
+    """(what, {file: bytes, or None (removed), or 'folder'/'fifo'/'loop'}, expect)."""
+    out = dict(files)
+    original = json.loads(files["config.json"])
+    kind = draw(
+        st.sampled_from(
+            ["none", "field", "field", "field", "config bytes", "weights", "weights", "file"]
+        )
+    )
+    if kind == "none":
+        return "a valid model folder", out, "ok"
+    if kind == "field":
+        info = json.loads(files["config.json"])
+        key = draw(st.sampled_from(FOLDER_KEYS))
+        value = draw(st.sampled_from(FOLDER_VALUES))
+        *parents, last = key.split(".")
+        node = info
+        for part in parents:
+            node = node[part]
+        if value == "(removed)":
+            node.pop(last)
+        else:
+            node[last] = value
+        how = draw(st.sampled_from(["keep", "renew", "renew", "drop"]))
+        out["config.json"] = reseal_config(info, files["model.safetensors"], how)
+        unchanged = json.loads(files["config.json"]) == json.loads(out["config.json"])
+        # with the old digest, a changed file is refused (a removed digest is a notice); after
+        # a deliberate edit some values are valid (another eval scale, no results, ...)
+        expect = "either"
+        if how == "keep" and key != "digest":
+            expect = "ok" if unchanged else "refuse"
+        return f"config.json {key} set to {value!r:.40} ({how} digest)", out, expect
+    if kind == "config bytes":
+        text = files["config.json"]
+        op = draw(st.sampled_from(["xor", "truncate", "insert 0xff", "BOM", "over 1 MiB"]))
+        at = draw(st.integers(0, len(text) - 1))
+        if op == "xor":
+            mask = draw(st.integers(1, 255))
+            raw = text[:at] + bytes([text[at] ^ mask]) + text[at + 1 :]
+            what = f"config.json byte {at} xor {mask}"
+        elif op == "truncate":
+            raw, what = text[:at], f"config.json truncated to {at} bytes"
+        elif op == "insert 0xff":
+            raw, what = text[:at] + b"\xff" + text[at:], f"config.json: 0xff at {at}"
+        elif op == "BOM":
+            raw, what = b"\xef\xbb\xbf" + text, "config.json with a byte order mark"
+        else:
+            raw = text[:-2] + b', "pad": "' + b"x" * (1 << 20) + b'"}'
+            what = "config.json of over 1 MiB"
+        out["config.json"] = raw
+        try:
+            same = json.loads(raw.decode("utf-8")) == original
+        except ValueError:
+            same = False
+        return what, out, "either" if same else "refuse"
+    if kind == "weights":
+        data = files["model.safetensors"]
+        op = draw(st.sampled_from(["xor", "truncate", "append", "header"]))
+        resealed = draw(st.booleans())
+        at = draw(st.integers(0, len(data) - 1))
+        if op == "xor":
+            mask = draw(st.integers(1, 255))
+            raw = data[:at] + bytes([data[at] ^ mask]) + data[at + 1 :]
+            what = f"model.safetensors byte {at} xor {mask}"
+        elif op == "truncate":
+            raw, what = data[:at], f"model.safetensors truncated to {at} bytes"
+        elif op == "append":
+            raw, what = (
+                data + b"\0" * draw(st.integers(1, 64)),
+                "model.safetensors with bytes appended",
+            )
+        else:
+            header_len = int.from_bytes(data[:8], "little")
+            claim = draw(st.sampled_from([0, 7, header_len + 1, 1 << 40, (1 << 64) - 1]))
+            raw = claim.to_bytes(8, "little") + data[8:]
+            what = f"model.safetensors claiming a {claim}-byte header"
+        out["model.safetensors"] = raw
+        if resealed:
+            info = json.loads(files["config.json"])
+            out["config.json"] = reseal_config(info, raw, "renew")
+            return what + " (SHA-256 renewed)", out, "either"  # a changed weight still loads
+        return what, out, "refuse"
+    name = draw(st.sampled_from(FOLDER_NAMES))
+    how = draw(st.sampled_from(["removed", "folder", "fifo", "loop", "empty"]))
+    out[name] = {"removed": None, "empty": b""}.get(how, how)
+    expect = "ok" if name == "README.md" and how in ("removed", "empty") else "either"
+    if name != "README.md":
+        expect = "refuse"
+    return f"{name} {how}", out, expect
+
+
+def valid_hub(work: Path, run: fuzzing.Run) -> str | None:
+    names = {p.name for p in (work / "N").iterdir()} if (work / "N").is_dir() else set()
+    return None if names == set(FOLDER_NAMES) else f"N/ holds {sorted(names)}"
+
+
+def test_fuzz_model_folders(base, tmp_path):
+    """Model folders (``export --format hub``) with config.json fields changed (digest kept,
+    renewed or dropped), its bytes inverted, truncated or padded past 1 MiB, the weights' bytes
+    or header length spoiled (SHA-256 kept or renewed), files removed or replaced by a folder,
+    a FIFO or a symlink loop -> ``predict``, ``eval``, ``export`` and ``export --format hub``
+    with ``--checkpoint M``."""
+    fam = family("model folders", tmp_path)
+    files = call_in_child(model_folder_files, str(base.ck), str(tmp_path / "folder"))
+    commands = ck_commands("M")
+    commands["hub"] = dict(
+        argv=["export", "M", "--format", "hub", "--out", "N"],
+        outputs=("N", "N/*"),
+        validate=valid_hub,
+        timeout=SLOW,
+    )
+
+    @fuzz_settings(1.0)
+    @given(st.data())
+    def case(data):
+        what, mutated, expect = data.draw(folder_mutations(files))
+        command = data.draw(st.sampled_from(["predict", "predict", "eval", "export", "hub"]))
+
+        def make(work: Path) -> None:
+            base.copy_data(work)
+            write_image(work / "img.png")
+            folder = work / "M"
+            folder.mkdir()
+            for name, content in mutated.items():
+                path = folder / name
+                if content is None:
+                    continue
+                if content == "folder":
+                    path.mkdir()
+                elif content == "fifo":
+                    os.mkfifo(path)
+                elif content == "loop":
+                    path.symlink_to(name)
+                else:
+                    path.write_bytes(content)
+
+        fam.run(
+            Case(
+                fam.name,
+                what,
+                make=make,
+                expect=expect,
+                culprits=("M",),
+                **commands[command],
+            )
+        )
+
+    case()
+    fam.check()
+
+
 def test_the_harness_sees_hangs_crashes_tracebacks_and_payloads(tmp_path):
     """The oracle itself: a child that blocks is killed and classified ``hang``, one killed by
     a signal ``other``, cli.main's internal-error line ``traceback``, a marker ``executed``,

@@ -452,6 +452,10 @@ def test_a_missing_or_malformed_part_is_one_line(shared, tmp_path, predict_with)
         ),
         "sha malformed": (edit("weights.sha256", "abc"), True, "weights.sha256"),
         "weights elsewhere": (edit("weights.file", "other.bin"), True, "'weights'"),
+        "results a list": (edit("evaluation.results", [0.5]), True, "evaluation.results"),
+        "mIoU a string": (edit("evaluation.results.mIoU", "high"), True, "results.mIoU"),
+        "training a list": (edit("training", [1]), True, "'training'"),
+        "recipe of lists": (edit("training.recipe.loss", [1]), True, "training.recipe"),
         "classes of another model": (edit("class_names", list("abcde")), True, "model.safetensors"),
     }
     for i, (what, (change, renew, named)) in enumerate(cases.items()):
@@ -465,6 +469,7 @@ def test_a_missing_or_malformed_part_is_one_line(shared, tmp_path, predict_with)
         if what == "classes of another model":  # 5 names, and num_classes and palette to match
             info = json.loads((folder / "config.json").read_text())
             info["num_classes"], info["palette"] = 5, info["palette"][:5]
+            info["evaluation"]["results"] = None  # its per-class lists are of 7
             info.pop("digest")
             info["digest"] = content_digest(info)
             (folder / "config.json").write_text(json.dumps(info))

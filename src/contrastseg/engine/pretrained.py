@@ -204,6 +204,8 @@ def read_folder_config(folder: Path) -> dict:
     evaluation = _field(path, info, "evaluation", dict, "an object")
     if not isinstance(evaluation.get("procedure", {}), dict):
         raise CheckpointError(f"{path}: field evaluation.procedure is not an object")
+    _check_results(path, evaluation.get("results"), len(names))
+    _check_training(path, info.get("training"))
     weights = info.get("weights", {})
     if not isinstance(weights, dict) or weights.get("file", WEIGHTS_FILE) != WEIGHTS_FILE:
         raise CheckpointError(
@@ -230,6 +232,55 @@ def read_folder_config(folder: Path) -> dict:
             "; ".join(unchecked),
         )
     return info
+
+
+def _number_or_null(value: Any) -> bool:
+    return value is None or type(value) in (int, float)
+
+
+def _check_results(path: Path, results: Any, num_classes: int) -> None:
+    """``evaluation.results``: null, or an object of metrics (numbers or null), per-class
+    lists of one number (or null) per class, and the ``split`` and ``iteration`` scored."""
+    if results is None:
+        return
+    if not isinstance(results, dict):
+        raise CheckpointError(f"{path}: field evaluation.results is not an object or null")
+    for key, value in results.items():
+        if key in ("per_class_iou", "per_class_acc"):
+            ok = isinstance(value, list) and len(value) == num_classes
+            ok = ok and all(_number_or_null(v) for v in value)
+            rule = f"{num_classes} numbers (one per class)"
+        elif key == "split":
+            ok, rule = isinstance(value, str), "a split name"
+        elif key == "iteration":
+            ok, rule = value is None or type(value) is int, "an integer"
+        else:
+            ok, rule = _number_or_null(value), "a number"
+        if not ok:
+            raise CheckpointError(
+                f"{path}: field evaluation.results.{key} = {str(value)[:60]} is not {rule}"
+            )
+
+
+def _check_training(path: Path, training: Any) -> None:
+    """``training`` (informational): absent, or an object whose ``data`` is a name or null,
+    ``iterations`` an integer or null and ``recipe`` an object of config sections."""
+    if training is None:
+        return
+    if not isinstance(training, dict):
+        raise CheckpointError(f"{path}: field 'training' is not an object")
+    data, iterations = training.get("data"), training.get("iterations")
+    recipe = training.get("recipe", {})
+    if not (data is None or isinstance(data, str)):
+        raise CheckpointError(f"{path}: field training.data = {str(data)[:60]} is not a name")
+    if not (iterations is None or type(iterations) is int):
+        raise CheckpointError(
+            f"{path}: field training.iterations = {str(iterations)[:60]} is not an integer"
+        )
+    if not isinstance(recipe, dict) or not all(isinstance(v, dict) for v in recipe.values()):
+        raise CheckpointError(
+            f"{path}: field training.recipe is not an object of config sections (objects)"
+        )
 
 
 def folder_config(path: Path, info: dict) -> ExperimentConfig:
@@ -295,13 +346,12 @@ def read_folder(folder: Path) -> tuple[Segmentor, ExperimentConfig, dict]:
         raise CheckpointError(
             f"{weights_path}: does not fit the model of {CONFIG_FILE}: {one_line(err)[:300]}"
         ) from None
-    training = info.get("training") if isinstance(info.get("training"), dict) else {}
-    iteration = training.get("iterations")
+    training = info.get("training") or {}
     state = {
         "class_names": names,
         "palette": [list(c) for c in info["palette"]],
-        "iteration": iteration if type(iteration) is int else None,
-        "config": training.get("recipe") if isinstance(training.get("recipe"), dict) else {},
+        "iteration": training.get("iterations"),
+        "config": training.get("recipe", {}),
         "folder_config": info,
     }
     return model.eval(), cfg, state
