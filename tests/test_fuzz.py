@@ -1580,6 +1580,7 @@ VALUES_BY_KIND = {
         "cpu",
         "torchscript",
         "onnx",
+        "torch-export",
         "val",
         "train",
         "all",
@@ -1948,6 +1949,8 @@ def output_cases(draw, base: Base):
                 "predict --out is below a file",
                 "export --out is a folder",
                 "export --out is below a file",
+                "export torch-export --out is a folder",
+                "export torch-export --out is below a file",
                 "eval --out is a folder",
                 "eval --out is below a file",
                 "checkpoint upgrade NEW exists",
@@ -1955,6 +1958,7 @@ def output_cases(draw, base: Base):
                 "convert OUT is a folder",
                 "train output.root is a file",
                 "export --out has a newline",
+                "export torch-export --out has a newline",
                 "predict --out has a newline",
             ]
         )
@@ -1979,7 +1983,8 @@ def output_cases(draw, base: Base):
         argv = ["predict", "--checkpoint", "ck.pt", "img.png", "--out", out, "--strict"]
         culprits = (out,)
     elif command == "export":
-        argv = ["export", "ck.pt", "--format", "torchscript", "--out", out]
+        fmt = "torch-export" if "torch-export" in kind else "torchscript"
+        argv = ["export", "ck.pt", "--format", fmt, "--out", out]
         culprits = (out,)
     elif command == "eval":
         argv = ["eval", "cfg.yaml", "--checkpoint", "ck.pt", "--out", out]

@@ -32,22 +32,27 @@ from tiny import TINY
 
 NUM_CLASSES = 5
 TOLERANCE = 1e-3  # the export check's default (export_checkpoint(tolerance=...))
-# Three sizes besides the export's example input (2x3x64x96): another batch each, the smallest
-# side the program takes with an odd width, a square multiple of 32, and odd sides.
-SIZES = [(1, 3, MIN_SIDE, 47), (3, 3, 64, 64), (2, 3, 97, 131)]
 PROTOTYPE = {"classifier": "prototype", "prototype": {"num_prototypes": 3}}
 
-# (test id, backbone, head, extra ModelConfig fields): small stand-ins of each head of the zoo
+# (test id, backbone, head, extra ModelConfig fields, smallest side of the program): small
+# stand-ins of each head of the zoo. ConvNeXt (UPerNet's backbone in the zoo) downsamples by
+# unpadded stride-2 convolutions, so its stride-32 map is one pixel below 64: the exporter asks
+# for 64 and up, and the writer takes its suggested fix.
 HEADS = [
-    ("deeplabv3", "timm:mobilenetv3_small_050", "deeplabv3", {}),
-    ("hrnetv2", "hrnetv2_w18_small", "hrnetv2", {}),
-    ("ocr-hrnet", {"name": "hrnetv2_w18_small", "variant": "released"}, "ocr", {}),
-    ("ocr-dilated", "timm:mobilenetv3_small_050", "ocr", {}),
-    ("pspnet", "timm:mobilenetv3_small_050", "pspnet", {}),
-    ("deeplabv3plus", "timm:mobilenetv3_small_050", "deeplabv3plus", {}),
-    ("upernet", "timm:mobilenetv3_small_050", "upernet", {}),
-    ("deeplabv3-prototype", "timm:mobilenetv3_small_050", "deeplabv3", PROTOTYPE),
+    ("deeplabv3", "timm:mobilenetv3_small_050", "deeplabv3", {}, MIN_SIDE),
+    ("hrnetv2", "hrnetv2_w18_small", "hrnetv2", {}, MIN_SIDE),
+    ("ocr", {"name": "hrnetv2_w18_small", "variant": "released"}, "ocr", {}, MIN_SIDE),
+    ("pspnet", "timm:mobilenetv3_small_050", "pspnet", {}, MIN_SIDE),
+    ("deeplabv3plus", "timm:mobilenetv3_small_050", "deeplabv3plus", {}, MIN_SIDE),
+    ("upernet", "timm:convnext_atto", "upernet", {}, 64),
+    ("deeplabv3-prototype", "timm:mobilenetv3_small_050", "deeplabv3", PROTOTYPE, MIN_SIDE),
 ]
+
+
+def sizes_from(side: int) -> list[tuple[int, int, int, int]]:
+    """Three sizes besides the export's example input (2x3x64x96), each with another batch: the
+    smallest side the program takes with an odd width, a square, and odd sides."""
+    return [(1, 3, side, side + 14), (3, 3, max(side, 64), max(side, 64)), (2, 3, 97, 131)]
 
 
 def tiny_net(backbone, head: str, extra: dict) -> InferenceModel:
@@ -67,7 +72,7 @@ def tiny_net(backbone, head: str, extra: dict) -> InferenceModel:
     return InferenceModel(segmentor).eval()
 
 
-def diffs_at(run, net: nn.Module, sizes=SIZES) -> list[float]:
+def diffs_at(run, net: nn.Module, sizes) -> list[float]:
     gen = torch.Generator().manual_seed(2)
     diffs = []
     for shape in sizes:
@@ -82,9 +87,11 @@ def diffs_at(run, net: nn.Module, sizes=SIZES) -> list[float]:
 
 
 @pytest.mark.parametrize(
-    ("backbone", "head", "extra"), [h[1:] for h in HEADS], ids=[h[0] for h in HEADS]
+    ("backbone", "head", "extra", "side"), [h[1:] for h in HEADS], ids=[h[0] for h in HEADS]
 )
-def test_every_head_round_trips_through_a_pt2_program(tmp_path, monkeypatch, backbone, head, extra):
+def test_every_head_round_trips_through_a_pt2_program(
+    tmp_path, monkeypatch, backbone, head, extra, side
+):
     net = tiny_net(backbone, head, extra)
     out = tmp_path / "model.pt2"
     # the program the writer's check loads from the file it renames to `out` (loading a .pt2
@@ -99,19 +106,20 @@ def test_every_head_round_trips_through_a_pt2_program(tmp_path, monkeypatch, bac
     written = write_model(net, out, "torch-export", model=head)
     assert written.max_abs_diff is not None and written.max_abs_diff <= TOLERANCE
     sizes = written.sizes
-    assert sizes["batch"] == {"min": 1, "max": None}
-    assert sizes["height"] == sizes["width"] == {"min": MIN_SIDE, "max": None}
+    assert sizes["batch"] == {"min": 1, "max": None, "step": 1}
+    assert sizes["height"] == sizes["width"] == {"min": side, "max": None, "step": 1}
+    assert written.shapes == VERIFY_SHAPES  # every check shape lies in the accepted sizes
     assert all("batch" in c or "height" in c or "width" in c for c in sizes["runtime_checks"])
     assert out.stat().st_size > sum(t.numel() * 4 for t in net.state_dict().values()) // 2
 
     ((path, program),) = loaded
     assert path.parent == tmp_path and path.name.startswith(".model.pt2.")  # renamed to out
-    diffs = diffs_at(program, net)
-    print(f"{head} {'prototype' if extra else ''}: max abs diff per size {diffs}")
+    diffs = diffs_at(program, net, sizes_from(side))
+    print(f"{head} on {backbone} {extra}: max abs diff per size {diffs}")
     assert max(diffs) <= TOLERANCE
     # the range the sidecar states: a side one below the smallest is refused by the program
-    with pytest.raises(Exception, match=str(MIN_SIDE)), torch.no_grad():
-        program(torch.randn(1, 3, MIN_SIDE - 1, 64))
+    with pytest.raises(Exception, match=f">= {side}"), torch.no_grad():
+        program(torch.randn(1, 3, side - 1, 64))
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +158,8 @@ def check_written(trained, model: Path) -> dict:
     assert info["input"]["name"] == "x" and info["output"]["name"] is None
     assert info["class_names"] == trained.state["class_names"]
     assert info["num_classes"] == len(trained.state["class_names"])
-    assert info["accepted_sizes"]["height"] == {"min": MIN_SIDE, "max": None}
-    assert info["accepted_sizes"]["batch"] == {"min": 1, "max": None}
+    assert info["accepted_sizes"]["height"] == {"min": MIN_SIDE, "max": None, "step": 1}
+    assert info["accepted_sizes"]["batch"] == {"min": 1, "max": None, "step": 1}
     assert info["verification"]["input_shapes"] == [list(s) for s in VERIFY_SHAPES]
     assert 0 <= info["verification"]["max_abs_diff"] <= info["verification"]["tolerance"]
     program = load_exported_program(model)
@@ -248,7 +256,10 @@ def test_opset_and_unknown_formats_are_refused(trained, tmp_path, run_cli, capsy
 
 
 def test_a_program_that_refuses_a_check_input_writes_nothing(tmp_path, monkeypatch):
+    """A program's own run-time refusal (here a check shape below its smallest side, as if the
+    shapes were not fitted into its accepted sizes) is one line, and nothing is written."""
     monkeypatch.setattr(export_module, "VERIFY_SHAPES", ((1, 3, 64, 64), (1, 3, 20, 24)))
+    monkeypatch.setattr(export_module, "_fit_shape", lambda shape, sizes: shape)
     with pytest.raises(ContrastSegError, match=r"refused an input of shape \[1, 3, 20, 24\]"):
         write_model(nn.Conv2d(3, 2, 1).eval(), tmp_path / "c.pt2", "torch-export")
     assert list(tmp_path.iterdir()) == []
@@ -261,3 +272,35 @@ def test_a_broken_pt2_file_is_one_line(tmp_path):
         load_exported_program(bad)
     assert "\n" not in str(caught.value)
     assert str(caught.value).startswith(f"{bad}: torch.export.load cannot read it (")
+
+
+class FixedSize(nn.Module):
+    """Takes one height and width only: the exporter's fix makes them constants."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :2] + torch.ones(64, 96)
+
+
+def test_a_program_with_a_fixed_side_is_refused(tmp_path):
+    with pytest.raises(ContrastSegError) as caught:
+        write_model(FixedSize(), tmp_path / "f.pt2", "torch-export", model="fixed")
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "cannot export fixed with a free height and width" in message
+    assert "fixed them to [64, 96]" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_accepted_sizes_read_steps_and_fit_the_check_shapes():
+    conv = nn.Conv2d(3, 2, 1).eval()
+    n = torch.export.Dim("n", min=2, max=40)
+    spec = ({0: torch.export.Dim("batch", min=1, max=8), 2: 32 * n, 3: 32 * n + 1},)
+    program = torch.export.export(conv, (torch.randn(2, 3, 64, 65),), dynamic_shapes=spec)
+    sizes = export_module._accepted_sizes(program)
+    assert sizes["batch"] == {"min": 1, "max": 8, "step": 1}
+    assert sizes["height"] == {"min": 64, "max": 1280, "step": 32}
+    assert sizes["width"] == {"min": 65, "max": 1281, "step": 32}
+    fit = export_module._fit_shape
+    assert fit((1, 3, 97, 131), sizes) == (1, 3, 128, 161)
+    assert fit((3, 3, 64, 64), sizes) == (3, 3, 64, 65)
+    assert fit((9, 3, 5000, 20), sizes) == (8, 3, 1280, 65)

@@ -129,7 +129,16 @@ def export_checkpoint(
         net, out, format, opset, verify, tolerance, source=checkpoint, model=model
     )
     info = sidecar(
-        cfg, state, segmentor, checkpoint, out, format, opset, written.max_abs_diff, tolerance
+        cfg,
+        state,
+        segmentor,
+        checkpoint,
+        out,
+        format,
+        opset,
+        written.max_abs_diff,
+        tolerance,
+        shapes=written.shapes,
     )
     if written.sizes is not None:
         info["accepted_sizes"] = written.sizes
@@ -140,12 +149,13 @@ def export_checkpoint(
 
 @dataclass
 class WrittenModel:
-    """What :func:`write_model` wrote: the largest |exported - PyTorch| logit on VERIFY_SHAPES
-    (None when not verified) and, for a torch.export program, the sizes it accepts (the
-    sidecar's ``accepted_sizes``; None for the other formats)."""
+    """What :func:`write_model` wrote: the largest |exported - PyTorch| logit on the check's
+    input ``shapes`` (None when not verified) and, for a torch.export program, the sizes it
+    accepts (the sidecar's ``accepted_sizes``; None for the other formats)."""
 
     max_abs_diff: float | None
     sizes: dict | None = None
+    shapes: tuple | None = None
 
 
 def write_model(
@@ -160,40 +170,44 @@ def write_model(
 ) -> WrittenModel:
     """Write ``net`` (an :class:`InferenceModel` in eval mode) to ``out`` in ``format``, load the
     file back and compare it with ``net`` on VERIFY_SHAPES, atomically: when the export or the
-    check fails, ``ContrastSegError`` says why in one line and ``out`` is not written.
+    check fails, ``ContrastSegError`` says why in one line and ``out`` is not written. A
+    torch.export program is checked on VERIFY_SHAPES moved into the sizes it accepts (each side
+    raised to its smallest accepted size or step; the same shapes for the zoo's programs).
     ``source`` (the checkpoint) and ``model`` (its head and backbone) name what is exported in
     the messages. This is what :func:`export_checkpoint` (and so ``contrastseg export``) runs."""
     check_options(format, opset)
     if format == "onnx":
         opset = opset or DEFAULT_OPSET
     sizes: dict | None = None
+    shapes = tuple(VERIFY_SHAPES)
 
     def write_and_verify(tmp: Path) -> float | None:
-        nonlocal sizes
+        nonlocal sizes, shapes
         if format == "onnx":
             _write_onnx(net, tmp, opset)
         elif format == "torch-export":
             sizes = _write_torch_export(net, tmp, model)
+            shapes = tuple(_fit_shape(s, sizes) for s in VERIFY_SHAPES)
         else:
             _write_torchscript(net, tmp)
         if not verify:
             return None
-        runners = {
-            "onnx": _onnx_runner,
-            "torchscript": _torchscript_runner,
-            "torch-export": _torch_export_runner,
-        }
-        diff = _max_abs_diff(net, runners[format](tmp))
+        if format == "torch-export":
+            diff = _max_abs_diff(net, _torch_export_runner(tmp), shapes)
+        else:
+            diff = _max_abs_diff(
+                net, (_onnx_runner if format == "onnx" else _torchscript_runner)(tmp)
+            )
         if not diff <= tolerance:
             raise ContrastSegError(
                 f"{source}: the exported {format} model differs from PyTorch by {diff:.3g} "
-                f"(tolerance {tolerance:g}) on inputs {list(VERIFY_SHAPES)}; {out} was not "
+                f"(tolerance {tolerance:g}) on inputs {list(shapes)}; {out} was not "
                 "written. Try another --format"
             )
         return diff
 
     diff = atomic_write(Path(out), write_and_verify)
-    return WrittenModel(diff, sizes)
+    return WrittenModel(diff, sizes, shapes if diff is not None else None)
 
 
 def load_exported_program(path: Path | str) -> torch.nn.Module:
@@ -228,8 +242,10 @@ def sidecar(
     opset: int | None,
     diff: float | None,
     tolerance: float,
+    shapes: tuple | None = None,
 ) -> dict:
-    """The sidecar's content (docs/deployment.md lists the fields)."""
+    """The sidecar's content (docs/deployment.md lists the fields); ``shapes``: the check's
+    input shapes (default VERIFY_SHAPES)."""
     from contrastseg import __version__
 
     classes = list(state["class_names"])
@@ -269,7 +285,9 @@ def sidecar(
             "torch": torch.__version__,
         },
         "verification": {
-            "input_shapes": [list(s) for s in VERIFY_SHAPES] if diff is not None else [],
+            "input_shapes": [list(s) for s in (shapes or VERIFY_SHAPES)]
+            if diff is not None
+            else [],
             "max_abs_diff": diff,
             "tolerance": tolerance if diff is not None else None,
         },
@@ -324,39 +342,75 @@ def _write_torch_export(net: torch.nn.Module, path: Path, model: str) -> dict:
     saved with ``torch.export.save``. Returns the sizes the program accepts (its range
     constraints, and the run-time checks it carries, in terms of batch, height and width).
 
-    Where the exporter cannot prove a condition from the ranges alone (that a feature map's side
-    is not 1, written as ``Mod`` expressions for the pyramid pooling, the prototype classifier's
-    reshapes and UPerNet), ``prefer_deferred_runtime_asserts_over_guards`` keeps it as a check in
-    the program instead of failing; at MIN_SIDE and up each one holds, and the check on
-    VERIFY_SHAPES runs them."""
-    dims = {
-        0: torch.export.Dim("batch", min=1),
-        2: torch.export.Dim("height", min=MIN_SIDE),
-        3: torch.export.Dim("width", min=MIN_SIDE),
-    }
-    try:
-        with torch.no_grad():
-            program = torch.export.export(
-                net,
-                (torch.randn(TRACE_SHAPE),),
-                dynamic_shapes=(dims,),
-                prefer_deferred_runtime_asserts_over_guards=True,
-            )
-    except Exception as err:  # noqa: BLE001 - the exporter fails in many ways
-        raise ContrastSegError(
+    When the exporter finds that the model needs narrower ranges (ConvNeXt's unpadded stride-2
+    downsampling makes the stride-32 map one pixel below 64, so it asks for height and width of
+    64 and up), its suggested fixes are applied and the export is tried again, at most twice;
+    the sidecar states the sizes the program ends up with. A program that fixes an axis to one
+    size is refused.
+
+    Where the exporter cannot prove a condition from the ranges alone (e.g. that a feature
+    map's side is not 1, which it writes as ``Mod`` expressions for the pyramid pooling, UPerNet
+    and the prototype classifier's reshapes), ``prefer_deferred_runtime_asserts_over_guards``
+    keeps it as a check in the program instead of failing; at MIN_SIDE and up the ones the zoo
+    gives hold, and the check on VERIFY_SHAPES runs them."""
+    from torch.export.dynamic_shapes import refine_dynamic_shapes_from_suggested_fixes
+
+    spec: tuple = (
+        {
+            0: torch.export.Dim("batch", min=1),
+            2: torch.export.Dim("height", min=MIN_SIDE),
+            3: torch.export.Dim("width", min=MIN_SIDE),
+        },
+    )
+
+    def refuse(err: BaseException) -> ContrastSegError:
+        return ContrastSegError(
             f"torch.export cannot export {model} ({type(err).__name__}: {_first_line(err)}); "
             "try --format onnx or --format torchscript"
-        ) from err
+        )
+
+    for attempt in range(3):
+        try:
+            with torch.no_grad():
+                program = torch.export.export(
+                    net,
+                    (torch.randn(TRACE_SHAPE),),
+                    dynamic_shapes=spec,
+                    prefer_deferred_runtime_asserts_over_guards=True,
+                )
+            break
+        except Exception as err:  # noqa: BLE001 - the exporter fails in many ways
+            if attempt == 2 or "Suggested fixes:" not in str(err):
+                raise refuse(err) from err
+            # the fixes block alone: the helper reads every line after its heading
+            fixes = str(err).split("Suggested fixes:", 1)[1].strip().split("\n\n")[0]
+            try:
+                spec = refine_dynamic_shapes_from_suggested_fixes(
+                    f"Suggested fixes:\n{fixes}", spec
+                )
+            except Exception:  # noqa: BLE001 - a fix the helper cannot apply
+                raise refuse(err) from err
     sizes = _accepted_sizes(program)
+    fixed = [
+        axis for axis in ("batch", "height", "width") if sizes[axis]["max"] == sizes[axis]["min"]
+    ]
+    if fixed:
+        raise ContrastSegError(
+            f"torch.export cannot export {model} with a free {' and '.join(fixed)} (the exporter "
+            f"fixed them to {[sizes[a]['min'] for a in fixed]}); try --format onnx or "
+            "--format torchscript"
+        )
     with open(path, "wb") as f:  # a handle: the writer wants a buffer or a name in .pt2
         torch.export.save(program, f)
     return sizes
 
 
 def _accepted_sizes(program) -> dict:
-    """``{"batch": {"min", "max"}, "height": ..., "width": ..., "runtime_checks": [...]}`` of an
-    ExportedProgram: each dynamic axis's range (``max`` None when unbounded) and the conditions
-    of its run-time assertions, with the exporter's symbols renamed to the axes' names."""
+    """``{"batch": {"min", "max", "step"}, "height": ..., "width": ..., "runtime_checks": [...]}``
+    of an ExportedProgram: the sizes each dynamic axis takes (``min``, ``min + step``, ... up to
+    ``max``, None when unbounded) and the conditions of its run-time assertions, with the
+    exporter's symbols renamed to the axes' names (``n_height`` where height = min + step *
+    (n_height - its lowest value))."""
     import sympy
 
     (name,) = program.graph_signature.user_inputs
@@ -367,18 +421,21 @@ def _accepted_sizes(program) -> dict:
     for axis, label in ((0, "batch"), (2, "height"), (3, "width")):
         dim = shape[axis]
         if isinstance(dim, int):
-            sizes[label] = {"min": dim, "max": dim}
+            sizes[label] = {"min": dim, "max": dim, "step": 1}
             continue
         expr = dim.node.expr
-        bounds = program.range_constraints.get(expr)
-        if not isinstance(expr, sympy.Symbol) or bounds is None:
-            sizes[label] = {"expression": str(expr)}
-            continue
-        renames[str(expr)] = label
+        symbols = list(expr.free_symbols)
+        bounds = program.range_constraints.get(symbols[0]) if len(symbols) == 1 else None
+        offset, term = expr.as_coeff_Add()
+        step, rest = term.as_coeff_Mul()
+        if bounds is None or rest != symbols[0] or not (offset.is_Integer and step.is_Integer):
+            raise ContrastSegError(f"the exported program's {label} is {expr}, not a range")
+        renames[str(symbols[0])] = label if expr == symbols[0] else f"n_{label}"
         upper = bounds.upper
         sizes[label] = {
-            "min": int(bounds.lower),
-            "max": int(upper) if isinstance(upper, sympy.Integer) else None,
+            "min": int(step * bounds.lower + offset),
+            "max": int(step * upper + offset) if isinstance(upper, sympy.Integer) else None,
+            "step": int(step),
         }
     checks = []
     for n in program.graph.nodes:
@@ -390,6 +447,20 @@ def _accepted_sizes(program) -> dict:
             checks.append(text)
     sizes["runtime_checks"] = checks
     return sizes
+
+
+def _fit_shape(shape: tuple, sizes: dict) -> tuple:
+    """``shape`` with batch, height and width each raised to the nearest size the program
+    accepts (``min + k * step``), or lowered to its ``max``."""
+    fitted = list(shape)
+    for axis, label in ((0, "batch"), (2, "height"), (3, "width")):
+        rule = sizes[label]
+        value = max(fitted[axis], rule["min"])
+        value = rule["min"] + -(-(value - rule["min"]) // rule["step"]) * rule["step"]
+        if rule["max"] is not None:
+            value = min(value, rule["max"])
+        fitted[axis] = value
+    return tuple(fitted)
 
 
 def _first_line(err: BaseException) -> str:
@@ -443,12 +514,14 @@ def _torch_export_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
 
 
 @torch.no_grad()
-def _max_abs_diff(net: torch.nn.Module, run: Callable[[np.ndarray], np.ndarray]) -> float:
-    """Largest |run(x) - net(x)| over random inputs of VERIFY_SHAPES; a wrong output shape
-    raises ContrastSegError."""
+def _max_abs_diff(
+    net: torch.nn.Module, run: Callable[[np.ndarray], np.ndarray], shapes: tuple | None = None
+) -> float:
+    """Largest |run(x) - net(x)| over random inputs of ``shapes`` (default VERIFY_SHAPES); a
+    wrong output shape raises ContrastSegError."""
     gen = torch.Generator().manual_seed(0)
     worst = 0.0
-    for shape in VERIFY_SHAPES:
+    for shape in shapes or VERIFY_SHAPES:
         x = torch.randn(shape, generator=gen)
         ref = net(x).numpy()
         got = run(x.numpy())
