@@ -131,3 +131,32 @@ def test_breakdown_with_a_prototype_classifier_splits_the_classifier_step():
     assert lines[2].startswith("prototype classifier:")
     assert [line.split("  ")[0].strip() for line in lines[5 : 5 + len(parts)]] == list(parts)
     assert lines[-2].startswith("classifier step") and lines[-1].startswith("step")
+
+
+def test_cli_step_compiled_row(run_cli, capsys):
+    """bench step --compile: the eager and the compiled step of the baseline and of contrast,
+    side by side with their ratio and the first compiled step's seconds (a debugging backend
+    here, to keep the test short); --compile with --breakdown, and an unknown backend, are
+    refused in one line."""
+    size = ["--batch", "2", "--height", "64", "--width", "64", "--repeats", "1"]
+    args = [*size, *(f"--set={o}" for o in TINY_CONTRAST)]
+    compiled = ["--compile", "--compile-backend", "aot_eager"]
+    assert run_cli("bench", "step", "configs/demo_contrast.yaml", *args, *compiled) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("s/iter baseline") and "overhead" in lines[1]  # as without it
+    header, rule, *rows = lines[3:]
+    assert header.split("  ")[0] == "compiled (aot_eager)"
+    for column in ("eager s/iter", "compiled s/iter", "compiled/eager", "first compiled step s"):
+        assert column in header
+    assert set(rule) == {"-", " "} and len(rows) == 2
+    eager_baseline = float(lines[1].split()[2])
+    for row, label in zip(rows, ("baseline", "+ contrast"), strict=True):
+        assert row.startswith(label)
+        eager, compiled_s, ratio, first = (float(v) for v in row[len(label) :].split())
+        assert eager > 0 and compiled_s > 0 and first > 0
+        assert ratio == pytest.approx(compiled_s / eager, abs=0.01 + 1e-3 * ratio)
+    assert float(rows[0].split()[1]) == eager_baseline  # the same median as the line above
+    for bad in (["--compile", "--breakdown"], ["--compile", "--compile-backend", "tvm"]):
+        assert run_cli("bench", "step", "configs/demo_contrast.yaml", *args, *bad) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "--" in err

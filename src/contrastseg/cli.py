@@ -170,6 +170,14 @@ def predict(
             "decoding it (default 2**26 = 8192 x 8192).",
         ),
     ] = MAX_IMAGE_PIXELS,
+    compile: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="With --checkpoint: infer through torch.compile (inductor). The first image "
+            "compiles, a second size once more (height and width dynamic), then no more.",
+        ),
+    ] = False,
 ) -> None:
     """Colour-coded masks, overlays and label-id PNGs for images. Each file is written
     atomically; an unreadable image is skipped with a warning, and the run ends with a summary
@@ -182,6 +190,11 @@ def predict(
     if (checkpoint is None) == (onnx is None):
         got = "both" if checkpoint is not None else "neither"
         raise ConfigError(f"predict: give one of --checkpoint CKPT or --onnx MODEL.onnx, got {got}")
+    if compile and onnx is not None:
+        raise ConfigError(
+            "predict: --compile applies to --checkpoint only; an --onnx model runs in "
+            "onnxruntime, which torch.compile does not reach: drop --compile"
+        )
     check_output_dir(out, "predict --out")  # before the model is loaded
     with pixel_limit(max_pixels):
         if onnx is not None:
@@ -197,6 +210,7 @@ def predict(
                 out,
                 strict=strict,
                 skip_existing=skip_existing,
+                compile=compile,
             )
     if result.failed:
         raise DataError(
@@ -428,10 +442,35 @@ def bench_step(
             "a prototype classifier, its parts and their floors too.",
         ),
     ] = False,
+    compile: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="Also time both steps with the model's forward compiled (train.compile), "
+            "interleaved with the eager ones: s/iter side by side, compiled/eager, and the "
+            "first compiled step's seconds (the compilation, not in the medians).",
+        ),
+    ] = False,
+    compile_backend: Annotated[
+        str,
+        typer.Option(
+            "--compile-backend",
+            help="With --compile: inductor, or aot_eager / eager (debugging backends).",
+        ),
+    ] = "inductor",
 ) -> None:
     """s/iter of a train step with and without contrast, and the overhead in percent."""
     from contrastseg import load_config
+    from contrastseg.config import COMPILE_BACKENDS
+    from contrastseg.errors import ConfigError
 
+    if compile_backend not in COMPILE_BACKENDS:
+        raise ConfigError(
+            f"bench step --compile-backend {compile_backend!r}: allowed values are "
+            + ", ".join(repr(b) for b in COMPILE_BACKENDS)
+        )
+    if compile and breakdown:
+        raise ConfigError("bench step: --compile and --breakdown cannot be combined; pick one")
     cfg = load_config(config, overrides or [])
     if breakdown:
         from contrastseg.benchmarks.breakdown import (
@@ -446,7 +485,16 @@ def bench_step(
         return
     from contrastseg.benchmarks.train_step import format_step_benchmark, run_step_benchmark
 
-    row = run_step_benchmark(cfg, classes, batch, (height, width), repeats, device, amp)
+    row = run_step_benchmark(
+        cfg,
+        classes,
+        batch,
+        (height, width),
+        repeats,
+        device,
+        amp,
+        compile_backend=compile_backend if compile else None,
+    )
     typer.echo(format_step_benchmark(row))
 
 

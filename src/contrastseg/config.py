@@ -22,6 +22,23 @@ from contrastseg.files import atomic_write_text
 from contrastseg.model_table import BACKBONE_NAMES
 from contrastseg.yaml_io import load_yaml_text, read_yaml_file
 
+#: torch.compile backends a config may name: inductor generates kernels; aot_eager (the
+#: forward and backward graphs traced, then run by PyTorch's own operators) and eager (the
+#: graph captured only) are for debugging, and the tests use them.
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+#: inductor's modes (null in a config: inductor's default mode).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def check_compile_mode(section: str, backend: str, mode: str | None) -> None:
+    """A compile mode is inductor's: refused with another backend (``ValueError`` naming
+    ``<section>.compile_mode``)."""
+    if mode is not None and backend != "inductor":
+        raise ValueError(
+            f"{section}.compile_mode = {mode!r} is a mode of the inductor backend; "
+            f"{section}.compile_backend = {backend!r} takes none: leave compile_mode null"
+        )
+
 
 class _Section(BaseModel):
     # allow_inf_nan=False: every float field, and every float inside a tuple, refuses NaN and
@@ -452,10 +469,22 @@ class TrainConfig(_Section):
     sync_bn: bool = True  # SyncBatchNorm under DDP
     max_bad_steps: int = Field(5, ge=1)  # consecutive non-finite steps before stopping
     channels_last: bool = False
+    # torch.compile of the model's training forward (the losses, pixel-contrast sampling and
+    # the prototype update run eagerly; docs/training.md, "Compiling"). compile_backend:
+    # inductor (generated kernels, what speeds a step up); aot_eager and eager are debugging
+    # backends (no code generation: they find graph breaks and recompilations in seconds, and
+    # the tests use them). compile_mode: inductor's mode (null: its default).
     compile: bool = False
+    compile_backend: Literal[COMPILE_BACKENDS] = "inductor"  # type: ignore[valid-type]
+    compile_mode: Literal[COMPILE_MODES] | None = None  # type: ignore[valid-type]
     # Resume from the run folder's newest loadable checkpoint without --resume (a fresh folder
     # starts from iteration 0). Under torchrun a restarted group always does.
     auto_resume: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        check_compile_mode("train", self.compile_backend, self.compile_mode)
+        return self
 
 
 class EvalConfig(_Section):
@@ -474,6 +503,12 @@ class EvalConfig(_Section):
     short_side: int | None = Field(None, ge=1)  # image resized to this short side first
     pad_multiple: int = Field(1, ge=1)  # then padded bottom/right to a multiple of this
     resize_back: Literal["bilinear", "bicubic"] = "bilinear"  # scores back to the label size
+    # torch.compile of the model's inference (contrastseg eval, and a training run's val
+    # evaluations), with dynamic height and width: images of any size share one graph
+    # (docs/training.md, "Compiling"); backend and mode as train.compile_backend/compile_mode.
+    compile: bool = False
+    compile_backend: Literal[COMPILE_BACKENDS] = "inductor"  # type: ignore[valid-type]
+    compile_mode: Literal[COMPILE_MODES] | None = None  # type: ignore[valid-type]
 
     @model_validator(mode="after")
     def _check(self) -> EvalConfig:
@@ -486,6 +521,7 @@ class EvalConfig(_Section):
                 f"eval.stride {self.stride} larger than eval.crop_size {self.crop_size} "
                 "would leave pixels uncovered"
             )
+        check_compile_mode("eval", self.compile_backend, self.compile_mode)
         return self
 
     figure_images: int = Field(4, ge=0)

@@ -25,6 +25,7 @@ from contrastseg.engine.checkpoint_parts import (
     check_model_parts,
     check_weights_fit,
 )
+from contrastseg.engine.compiling import compile_inference
 from contrastseg.engine.evaluator import evaluate, format_table, write_eval_json
 from contrastseg.engine.inference_modes import infer_scores
 from contrastseg.engine.pretrained import hub_id, read_folder, resolve_folder
@@ -124,11 +125,17 @@ def evaluate_checkpoint(
     split: str | None = None,
     out: Path | None = None,
     print_table: bool = True,
+    compile: bool | None = None,
 ) -> dict:
     """Evaluate ``checkpoint`` on a split of the data ``cfg`` describes, as ``cfg.eval`` says;
     writes ``eval.json``. Images are normalised as the checkpoint's model expects
-    (:func:`with_checkpoint_input`)."""
+    (:func:`with_checkpoint_input`). ``compile`` (None: ``cfg.eval.compile``): infer through
+    ``torch.compile`` with ``cfg.eval.compile_backend`` and ``compile_mode``
+    (:func:`contrastseg.engine.compiling.compile_inference`: a graph for the first size, a
+    dynamic one for the others)."""
     model, trained, state = load_trained_model(checkpoint, cfg.train.device)
+    if cfg.eval.compile if compile is None else compile:
+        model = compile_inference(model, cfg.eval.compile_backend, cfg.eval.compile_mode)
     device = next(model.parameters()).device
     dataset = build_eval_dataset(with_checkpoint_input(cfg.data, trained.data, checkpoint), split)
     if list(dataset.classes) != list(state["class_names"]):
@@ -327,11 +334,18 @@ def predict(
     alpha: float = 0.5,
     strict: bool = False,
     skip_existing: bool = False,
+    compile: bool = False,
+    compile_backend: str = "inductor",
 ) -> PredictResult:
     """Write, per image, ``<stem>_mask.png`` (palette colours), ``<stem>_overlay.png`` and
     ``<stem>_labels.png`` (class ids) into ``out_dir``. Returns the mask paths written, with the
-    inputs skipped and kept (see :func:`predict_files` for ``strict`` and ``skip_existing``)."""
+    inputs skipped and kept (see :func:`predict_files` for ``strict`` and ``skip_existing``).
+    ``compile``: infer through ``torch.compile`` (``compile_backend``): the first image's size
+    compiles a graph, a second size one with height and width dynamic that every later size
+    takes (:func:`contrastseg.engine.compiling.compile_inference`)."""
     model, cfg, state = load_trained_model(checkpoint, "auto")
+    if compile:
+        model = compile_inference(model, compile_backend)
     palette = np.asarray(state["palette"], dtype=np.uint8)
 
     def infer(rgb: np.ndarray) -> np.ndarray:

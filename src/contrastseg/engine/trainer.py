@@ -33,6 +33,7 @@ from contrastseg.engine.checkpoint_parts import (
     check_resume_parts,
     check_weights_fit,
 )
+from contrastseg.engine.compiling import compile_inference, compile_training
 from contrastseg.engine.evaluator import evaluate, format_table, write_eval_json
 from contrastseg.engine.progress import TrainProgress
 from contrastseg.engine.runtime import environment_info, resolve_device, seed_everything
@@ -230,7 +231,17 @@ class Trainer:
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             forward = self.ddp = DistributedDataParallel(self.model, device_ids=ids)
-        self.forward = torch.compile(forward) if cfg.train.compile else forward
+        t = cfg.train
+        self.forward = (
+            compile_training(forward, t.compile_backend, t.compile_mode) if t.compile else forward
+        )
+        # the val evaluations' model (eval.compile: compiled, a dynamic graph for new sizes)
+        e = cfg.eval
+        self.eval_model = (
+            compile_inference(self.model, e.compile_backend, e.compile_mode)
+            if e.compile
+            else self.model
+        )
         check_micro_batches(cfg.train.batch_size, cfg.train.grad_accum, self.dist.world_size)
         check_pooling_batch_norm(cfg, self.dist.world_size)
         self.iteration = 0
@@ -555,7 +566,7 @@ class Trainer:
         val = build_eval_dataset(cfg.data)
         keep = cfg.eval.figure_images if final and self.dist.is_main else 0
         metrics, samples = evaluate(
-            self.model,
+            self.eval_model,
             val,
             self.device,
             cfg.eval.batch_size,

@@ -61,8 +61,9 @@ class Segmentor(nn.Module):
         feats = self.backbone(x)
         learned: list[PrototypeOutput] = []
         if self.training and labels is not None and self.prototype_classifier is not None:
-            with _labels_to(self.prototype_classifier, labels, learned):
-                decoded = self.head(feats)
+            decoded, learned = _head_with_labels(
+                self.head, feats, self.prototype_classifier, labels
+            )
         else:
             decoded = self.head(feats)
         out = {"seg": decoded["seg"]}
@@ -89,6 +90,24 @@ class Segmentor(nn.Module):
         """Eval-mode logits upsampled to the input size: (B, 3, H, W) -> (B, C, H, W)."""
         seg = self(x)["seg"]
         return F.interpolate(seg, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+@torch.compiler.disable
+def _head_with_labels(
+    head: nn.Module,
+    feats: list[torch.Tensor],
+    classifier: PrototypeClassifier,
+    labels: torch.Tensor,
+) -> tuple[dict[str, torch.Tensor], list[PrototypeOutput]]:
+    """``head(feats)`` with the labels handed to its prototype ``classifier`` (:func:`_labels_to`),
+    and what the classifier learned. Under ``torch.compile`` the whole call runs eagerly: the
+    hooks are installed and removed per call, and the prototype update draws from the module's
+    own generator, neither of which a graph can hold. The backbone before it and the auxiliary
+    head after it stay compiled (docs/training.md, "Compiling")."""
+    learned: list[PrototypeOutput] = []
+    with _labels_to(classifier, labels, learned):
+        decoded = head(feats)
+    return decoded, learned
 
 
 @contextmanager

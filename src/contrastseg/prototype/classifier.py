@@ -244,7 +244,11 @@ class PrototypeClassifier(SeededModule):
         t = t.long().reshape(-1)
         return torch.where((t >= 0) & (t < self.num_classes), t, self.num_classes)
 
+    # Under torch.compile the training call's clustering, its random draws (the module's own
+    # generator, which a graph cannot hold) and the update run eagerly: a compiled caller's
+    # graph breaks here and resumes after it.
     @torch.jit.unused
+    @torch.compiler.disable
     def _learn(
         self,
         embed: Tensor,
