@@ -107,7 +107,9 @@ def train(
 @app.command("eval")
 def evaluate(
     config: Annotated[Path, typer.Argument(help="Experiment YAML file (for the data).")],
-    checkpoint: Annotated[Path, typer.Option(help="Checkpoint file to evaluate.")],
+    checkpoint: Annotated[
+        Path, typer.Option(help="Checkpoint file, model folder or Hub id (owner/name) to evaluate.")
+    ],
     split: Annotated[str | None, typer.Option(help="Split name (default: data.val_split).")] = None,
     out: Annotated[Path | None, typer.Option(help="Where to write eval.json.")] = None,
     overrides: Overrides = None,
@@ -143,7 +145,9 @@ def evaluate(
 @app.command()
 def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files or folders of images.")],
-    checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint file.")] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="Checkpoint file, model folder or Hub id (owner/name).")
+    ] = None,
     onnx: Annotated[
         Path | None,
         typer.Option(help="Exported MODEL.onnx (with MODEL.onnx.json), run by onnxruntime."),
@@ -227,7 +231,9 @@ def predict(
 
 @app.command("export")
 def export_model(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint file.")],
+    checkpoint: Annotated[
+        Path, typer.Argument(help="Checkpoint file, model folder or Hub id (owner/name).")
+    ],
     format: Annotated[
         str,
         typer.Option(
