@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
+import contrastseg
 from contrastseg import cli, train
 from contrastseg import export as export_module
 from contrastseg.config import ModelConfig, load_config
@@ -266,6 +267,7 @@ def test_a_program_that_refuses_a_check_input_writes_nothing(tmp_path, monkeypat
 
 
 def test_a_broken_pt2_file_is_one_line(tmp_path):
+    assert contrastseg.load_exported_program is load_exported_program  # the public name
     bad = tmp_path / "bad.pt2"
     bad.write_bytes(b"PK\x03\x04 not an archive")
     with pytest.raises(ContrastSegError) as caught:

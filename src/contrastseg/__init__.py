@@ -25,6 +25,7 @@ _API = {
     "load_trained_model": "contrastseg.engine.inference",
     "predict": "contrastseg.engine.inference",
     "export_checkpoint": "contrastseg.export",
+    "load_exported_program": "contrastseg.export",
     "predict_onnx": "contrastseg.onnx_predict",
     "save_pretrained": "contrastseg.hub",
     "from_pretrained": "contrastseg.hub",
