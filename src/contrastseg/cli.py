@@ -237,12 +237,17 @@ def export_model(
     format: Annotated[
         str,
         typer.Option(
-            "--format", help="onnx, torchscript or torch-export (a torch.export program, .pt2)."
+            "--format",
+            help="onnx, torchscript, torch-export (a torch.export program, .pt2) or hub (a "
+            "model folder: model.safetensors, config.json, README.md).",
         ),
     ] = "onnx",
     out: Annotated[
         Path | None,
-        typer.Option(help="Model file (default: next to CKPT, .onnx, .torchscript.pt or .pt2)."),
+        typer.Option(
+            help="Model file, or folder for hub (default: next to CKPT, .onnx, "
+            ".torchscript.pt, .pt2 or NAME_model/)."
+        ),
     ] = None,
     opset: Annotated[int | None, typer.Option(help="ONNX opset, 18 or newer (default 18).")] = None,
 ) -> None:

@@ -78,7 +78,9 @@ def default_output(checkpoint: Path, format: str) -> Path:
 def check_options(format: str, opset: int | None) -> None:
     """Reject an unknown format, or an opset that is not ONNX's or is below DEFAULT_OPSET."""
     if format not in FORMATS:
-        raise ConfigError(f"export format {format!r}: allowed values are {sorted(FORMATS)}")
+        raise ConfigError(
+            f"export format {format!r}: allowed values are {sorted([*FORMATS, 'hub'])}"
+        )
     if opset is None:
         return
     if format != "onnx":
