@@ -2,22 +2,27 @@
 (``eval.compile``) and ``predict --compile`` against the eager model, and the number of graphs
 Dynamo compiles (docs/training.md, "Compiling").
 
-Backends: inductor (what users get) for the tiny model's training and inference; aot_eager (the
-same Dynamo graph and AOT autograd, PyTorch's own operators, no code generation) for HRNet and
-the prototype classifier, whose inductor compilation takes minutes on a CPU.
+Backends: inductor (what users get) for the tiny model's training, its first forward included;
+aot_eager (the same Dynamo graphs and AOT autograd, run by PyTorch's own operators, no code
+generation, compiled in seconds) for the rest: inductor compiles HRNet's forward alone for over
+a minute on a CPU, and the tiny model's inference for another 80 s.
 
-Tolerances, float32: a compiled forward's outputs within 1e-4 (max abs) of the eager ones; the
-logged losses of each step within a relative 1e-4; every weight and batch-norm statistic after
-3 steps within 1e-4 (max abs), and their difference under 1e-3 of how far the weights moved.
-HRNet trains in float64 (1e-10): in float32 its batch norms over 2x2 maps amplify rounding
-differences of 1e-7 to several 1e-3 of the update within 3 steps, in eager runs as much as in
-compiled ones, so float32 could not tell a wrong graph from rounding.
+Tolerances, float32: a compiled forward's outputs within 1e-4 (max abs; times the output's
+largest magnitude where that is over 1) of the eager ones; the logged losses of each step within
+a relative 1e-4; every weight and batch-norm statistic after 3 steps within 1e-4 (max abs), and
+their difference under 1e-3 of how far the weights moved. HRNet trains in float64 (1e-10): in
+float32 its batch norms over 2x2 maps amplify the first step's rounding differences (1e-6 of
+the gradient) to 0.5-5% of the update within 3 steps, so float32 could not tell a wrong graph
+from rounding.
 
 Graph counts come from Dynamo's counters, reset before each test."""
 
 from __future__ import annotations
 
 import json
+import re
+import runpy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,6 +42,7 @@ from contrastseg.prototype import PrototypeClassifier
 from test_grad_accum import _float64_trainer
 from tiny import SMALL_CONTRAST, TINY
 
+ROOT = Path(__file__).parents[1]
 HRNET = ["model.backbone.name=hrnetv2_w18_small", "model.head=hrnetv2"]
 # Five sizes of one image (predict's batch). The second size compiles the dynamic graph: it is
 # not square (a square one would make Dynamo assume height = width). All are large enough that
@@ -63,6 +69,12 @@ def graphs() -> int:
 
 def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
+
+
+def close(want: torch.Tensor, got: torch.Tensor, tol: float = 1e-4) -> bool:
+    """``got`` within ``tol`` of ``want`` (max abs), scaled by ``want``'s largest magnitude
+    where that is over 1 (features reach 10 and more; logits stay near 1)."""
+    return max_abs(want, got) <= tol * max(1.0, want.abs().max().item())
 
 
 class Recorder:
@@ -163,7 +175,7 @@ def test_compile_keys_are_validated_in_one_line():
         compiling.compile_training(torch.nn.Identity(), "tvm")
 
 
-# --- the tiny model, inductor ---------------------------------------------------------------
+# --- the tiny model ------------------------------------------------------------------------
 def test_inductor_training_matches_eager_with_pixel_contrast(tiny_cfg):
     """Three steps through the trainer with pixel contrast (its anchors differ from step to
     step), eager against ``train.compile`` with inductor: the first forward's outputs, each
@@ -172,7 +184,7 @@ def test_inductor_training_matches_eager_with_pixel_contrast(tiny_cfg):
     first_e, first_c = eager.record.first, compiled.record.first
     assert set(first_c) == set(first_e) == {"seg", "aux", "features"}
     for key in first_e:
-        assert max_abs(first_e[key], first_c[key]) <= 1e-4, key
+        assert close(first_e[key], first_c[key]), key
     check_losses(eager.log, compiled.log, rel=1e-4)
     assert all(r["contrast"] > 0 for r in compiled.log)
     check_weights(eager.state, compiled.state, eager.start, atol=1e-4, moved=1e-3)
@@ -184,23 +196,25 @@ def test_inductor_training_matches_eager_with_pixel_contrast(tiny_cfg):
     assert 1 <= per_step[0] <= 2 and per_step == per_step[:1] * 3
 
 
-def test_inductor_inference_matches_eager_on_five_sizes_with_two_graphs():
-    """The eval-mode model as ``predict --compile`` and ``eval.compile`` run it, inductor: five
-    image sizes give the eager logits (within 1e-4) from two graphs, the first size's and a
-    dynamic one for every other size."""
+def test_compiled_inference_matches_eager_on_five_sizes_with_two_graphs():
+    """The eval-mode model as ``predict --compile`` and ``eval.compile`` run it: five image
+    sizes give the eager logits (within 1e-4) from two graphs, the first size's and a dynamic
+    one for every other size. aot_eager: the graphs are Dynamo's whatever the backend (inductor
+    gives the same two, and logits within 1.5e-8, in 80 s instead of 10); the training test
+    above checks inductor's code for this model."""
     cfg = load_config(None, TINY)
     torch.manual_seed(0)
     model = build_model(cfg.model, 8, backbone_weights=False).eval()
-    compiled = compile_inference(model, "inductor")
+    compiled = compile_inference(model, "aot_eager")
     counts = []
     with torch.no_grad():
         for h, w in SIZES:
             x = torch.randn(1, 3, h, w)
             want, got = model(x)["seg"], compiled(x)["seg"]
             assert got.shape == want.shape
-            assert max_abs(want, got) <= 1e-4, (h, w)
+            assert close(want, got), (h, w)
             counts.append(graphs())
-    assert counts[0] == 1 and counts[-1] <= 2
+    assert counts == [1, 2, 2, 2, 2]
 
 
 # --- HRNet, aot_eager -----------------------------------------------------------------------
@@ -215,7 +229,7 @@ def test_hrnet_compiled_forward_matches_eager():
         want = model.eval()(x)["seg"]
         got = compile_inference(model, "aot_eager")(x)["seg"]
     assert want.shape == (2, 8, 16, 16)
-    assert max_abs(want, got) <= 1e-4
+    assert close(want, got)
     model.train()
     labels = torch.randint(0, 8, (2, 64, 64))
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -226,7 +240,7 @@ def test_hrnet_compiled_forward_matches_eager():
     got = compiling.compile_training(model, "aot_eager")(x, labels=labels)
     assert set(got) == set(want) == {"seg", "features"}
     for key in want:
-        assert max_abs(want[key], got[key]) <= 1e-4, key
+        assert close(want[key], got[key]), key
     assert graphs() == 2  # eval and training: one graph each
 
 
@@ -351,3 +365,28 @@ def test_predict_and_eval_compile_on_the_command_line(tmp_path, run_cli, monkeyp
     want = json.loads((tmp_path / "eager.json").read_text())
     got = json.loads((tmp_path / "c.json").read_text())
     assert got["mIoU"] == pytest.approx(want["mIoU"], abs=1e-3)
+
+
+# --- the docs' snippet ----------------------------------------------------------------------
+def test_the_docs_show_the_compile_snippet_and_it_runs(capsys):
+    """docs/training.md's "Compiling" shows examples/compile_snippet.py verbatim; it trains two
+    compiled steps and infers three sizes within 1e-4 of eager, from two graphs in all: the
+    training one and one dynamic graph for inference (the model's forward was compiled for
+    another size already, so the first inference size is compiled dynamic at once)."""
+    docs = (ROOT / "docs" / "training.md").read_text()
+    section = docs.split("\n## Compiling\n", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert block == (ROOT / "examples" / "compile_snippet.py").read_text()
+    runpy.run_path(str(ROOT / "examples" / "compile_snippet.py"))
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in printed] == [
+        "step 0",
+        "step 1",
+        "304x352",
+        "352x304",
+        "321x367",
+    ]
+    losses = [float(line.split("loss ")[1]) for line in printed[:2]]
+    assert all(0 < loss < 10 for loss in losses)
+    assert all(float(line.rsplit(" ", 1)[1]) <= 1e-4 for line in printed[2:])
+    assert graphs() == 2
