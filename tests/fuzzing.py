@@ -204,6 +204,10 @@ def _child_setup(cwd: Path, aux: Path) -> None:
     import torch
 
     torch.set_num_threads(1)
+    # predict --compile (and eval.compile) run eagerly in a case: what a command accepts and
+    # refuses is the same, and inductor would compile for a minute or more, past a case's time
+    # limit (tests/test_compile.py tests the compiled paths)
+    torch._dynamo.config.disable = True
 
 
 def _fork(work: Callable[[], int], cwd: Path, aux: Path, timeout: float) -> Run:
