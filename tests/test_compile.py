@@ -200,7 +200,7 @@ def test_compiled_inference_matches_eager_on_five_sizes_with_two_graphs():
     """The eval-mode model as ``predict --compile`` and ``eval.compile`` run it: five image
     sizes give the eager logits (within 1e-4) from two graphs, the first size's and a dynamic
     one for every other size. aot_eager: the graphs are Dynamo's whatever the backend (inductor
-    gives the same two, and logits within 1.5e-8, in 80 s instead of 10); the training test
+    gives the same two, and logits within 1.5e-8, in 80 s instead of 15); the training test
     above checks inductor's code for this model."""
     cfg = load_config(None, TINY)
     torch.manual_seed(0)
