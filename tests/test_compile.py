@@ -142,8 +142,8 @@ def check_losses(eager: list[dict], compiled: list[dict], rel: float) -> None:
 
 
 def check_weights(eager: dict, compiled: dict, start: dict, atol: float, moved: float) -> None:
-    """Every floating tensor within ``atol``; the parameters' difference under ``moved`` of the
-    distance they travelled in training (norms over all of them)."""
+    """Every floating tensor (weights and batch-norm statistics) within ``atol``, and their
+    difference under ``moved`` of the distance they travelled in training (norms over all)."""
     diff, travel = 0.0, 0.0
     for key, value in eager.items():
         if not value.is_floating_point():
