@@ -13,14 +13,12 @@ from PIL import Image
 from torch import nn
 from typer.testing import CliRunner
 
-from contrastseg import cli, export_checkpoint, predict, train
+from contrastseg import cli, export_checkpoint, predict
 from contrastseg import export as export_module
-from contrastseg.config import load_config
-from contrastseg.engine import checkpoint as ckpt
 from contrastseg.engine.inference import load_trained_model
 from contrastseg.errors import CheckpointError, ConfigError, ContrastSegError
 from contrastseg.models.segmentor import InferenceModel
-from tiny import TINY
+from tiny import train_tiny_checkpoint
 
 SIZES = [(1, 3, 64, 64), (2, 3, 48, 80)]
 
@@ -30,24 +28,7 @@ def trained(tmp_path_factory):
     """A 2-iteration checkpoint trained with pixel contrast (so it holds projection weights),
     exported to TorchScript."""
     root = tmp_path_factory.mktemp("export")
-    cfg = load_config(
-        None,
-        [
-            *TINY,
-            "data.train_size=8",
-            "data.val_size=2",
-            "loss.contrast.enabled=true",
-            "train.iters=2",
-            "train.batch_size=4",
-            "train.checkpoint_every=2",
-            "eval.batch_size=2",
-            "eval.figure_images=1",
-            f"output.root={root}",
-            "output.name=run",
-        ],
-    )
-    result = train(cfg, progress=False)
-    path = ckpt.list_checkpoints(result.run_dir / "checkpoints")[-1]
+    _, path = train_tiny_checkpoint(root, "loss.contrast.enabled=true")
     ts = export_checkpoint(path, format="torchscript")
     segmentor, _, state = load_trained_model(path)
     return SimpleNamespace(

@@ -25,16 +25,14 @@ from contrastseg import (
     load_config,
     load_trained_model,
     save_pretrained,
-    train,
 )
 from contrastseg.config import ExperimentConfig
 from contrastseg.digest import content_digest
-from contrastseg.engine import checkpoint as ckpt
 from contrastseg.engine.pretrained import file_sha256, hub_id
 from contrastseg.errors import CheckpointError, OutputError
 from contrastseg.hub import folder_info, write_folder
 from contrastseg.models import InferenceModel, build_model
-from tiny import TINY
+from tiny import TINY, train_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = {"model.safetensors", "config.json", "README.md"}
@@ -65,25 +63,9 @@ def shared(tmp_path_factory):
     auxiliary weights the folder must leave out) and evaluated at its end (eval.json),
     exported through the console script; three images of odd sizes."""
     root = tmp_path_factory.mktemp("hub")
-    cfg = load_config(
-        None,
-        [
-            *TINY,
-            "data.train_size=8",
-            "data.val_size=2",
-            "loss.contrast.enabled=true",
-            "loss.contrast.max_views=4",
-            "train.iters=2",
-            "train.batch_size=4",
-            "train.checkpoint_every=2",
-            "eval.batch_size=2",
-            "eval.figure_images=1",
-            f"output.root={root}",
-            "output.name=run",
-        ],
+    cfg, path = train_tiny_checkpoint(
+        root, "loss.contrast.enabled=true", "loss.contrast.max_views=4"
     )
-    result = train(cfg, progress=False)
-    path = ckpt.list_checkpoints(result.run_dir / "checkpoints")[-1]
     done = console("export", str(path), "--format", "hub", "--out", "model", cwd=root)
     assert done.returncode == 0, done.stderr
     images = root / "images"

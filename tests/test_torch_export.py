@@ -20,16 +20,15 @@ from torch import nn
 from typer.testing import CliRunner
 
 import contrastseg
-from contrastseg import cli, train
+from contrastseg import cli
 from contrastseg import export as export_module
-from contrastseg.config import ModelConfig, load_config
-from contrastseg.engine import checkpoint as ckpt
+from contrastseg.config import ModelConfig
 from contrastseg.engine.inference import load_trained_model
 from contrastseg.errors import ConfigError, ContrastSegError
 from contrastseg.export import MIN_SIDE, VERIFY_SHAPES, load_exported_program, write_model
 from contrastseg.models import InferenceModel, build_model
 from test_model_zoo import _few_threads  # noqa: F401  (autouse fixture: one thread)
-from tiny import TINY
+from tiny import train_tiny_checkpoint
 
 NUM_CLASSES = 5
 TOLERANCE = 1e-3  # the export check's default (export_checkpoint(tolerance=...))
@@ -127,23 +126,7 @@ def test_every_head_round_trips_through_a_pt2_program(
 def trained(tmp_path_factory):
     """A 2-iteration DeepLabV3 checkpoint (tests/tiny.py), its PyTorch inference model."""
     root = tmp_path_factory.mktemp("torch_export")
-    cfg = load_config(
-        None,
-        [
-            *TINY,
-            "data.train_size=4",
-            "data.val_size=2",
-            "train.iters=2",
-            "train.batch_size=2",
-            "train.checkpoint_every=2",
-            "eval.batch_size=2",
-            "eval.figure_images=0",
-            f"output.root={root}",
-            "output.name=run",
-        ],
-    )
-    result = train(cfg, progress=False)
-    path = ckpt.list_checkpoints(result.run_dir / "checkpoints")[-1]
+    _, path = train_tiny_checkpoint(root)
     segmentor, _, state = load_trained_model(path)
     return SimpleNamespace(
         root=root, checkpoint=path, state=state, net=InferenceModel(segmentor).eval()
@@ -252,7 +235,7 @@ def test_opset_and_unknown_formats_are_refused(trained, tmp_path, run_cli, capsy
     assert err.count("\n") == 1
     assert "opset 18: an opset applies to --format onnx only, not 'torch-export'" in err
     assert list(tmp_path.iterdir()) == []
-    with pytest.raises(ConfigError, match=r"\['onnx', 'torch-export', 'torchscript'\]"):
+    with pytest.raises(ConfigError, match=r"\['hub', 'onnx', 'torch-export', 'torchscript'\]"):
         export_module.check_options("pt2", None)
 
 

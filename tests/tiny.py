@@ -26,3 +26,30 @@ SMALL_CONTRAST = [
     "loss.contrast.memory.pixels_per_image=4",
     "loss.contrast.memory.region_size=32",
 ]
+
+
+def train_tiny_checkpoint(root, *extra: str):
+    """Train the tiny model for 2 iterations on 8 synthetic images into ``root/run`` (one
+    checkpoint, at iteration 2, then the val evaluation on 2 images, eval.json); ``extra``
+    overrides. Returns (the config, the checkpoint's path)."""
+    from contrastseg import load_config, train
+    from contrastseg.engine import checkpoint as ckpt
+
+    cfg = load_config(
+        None,
+        [
+            *TINY,
+            "data.train_size=8",
+            "data.val_size=2",
+            "train.iters=2",
+            "train.batch_size=4",
+            "train.checkpoint_every=2",
+            "eval.batch_size=2",
+            "eval.figure_images=1",
+            f"output.root={root}",
+            "output.name=run",
+            *extra,
+        ],
+    )
+    result = train(cfg, progress=False)
+    return cfg, ckpt.list_checkpoints(result.run_dir / "checkpoints")[-1]

@@ -119,8 +119,8 @@ def _regular_file(folder: Path, name: str, max_bytes: int | None = None) -> Path
     if not path.exists() and not any((folder / f).exists() for f in (CONFIG_FILE, WEIGHTS_FILE)):
         listed = sorted(p.name for p in folder.iterdir())[:8]
         raise CheckpointError(
-            f"{folder}: a folder, but not a model folder (no {CONFIG_FILE}, no {WEIGHTS_FILE}); "
-            f"give a checkpoint file or a model folder (it holds {listed})"
+            f"{folder}: is a folder, not a checkpoint file or a model folder (no {CONFIG_FILE}, "
+            f"no {WEIGHTS_FILE}; it holds {listed}); give a checkpoint file or a model folder"
         )
     if not path.exists():
         listed = sorted(p.name for p in folder.iterdir())[:8] if folder.is_dir() else []
