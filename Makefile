@@ -52,7 +52,7 @@ test-kernels: $(STAMP)
 	$(PYTEST) $(foreach k,$(KERNELS),--tx popen//env:ATEN_CPU_CAPABILITY=$(k)) --dist each \
 	  -m "numerics and not serial" $$($(BIN)/python tests/numerics.py)
 
-# `make fuzz`: the fuzz suite of tests/test_fuzz.py at full size (docs/fuzzing.md): about 1,170
+# `make fuzz`: the fuzz suite of tests/test_fuzz.py at full size (docs/fuzzing.md): about 1,260
 # generated configs, checkpoints, payloads, images, label maps, split lists, command lines and
 # special files through the real commands (`make test` runs a small fixed subset of the same
 # tests), each case's outcome recorded in runs/fuzz/outcomes.jsonl, then the table of outcomes

@@ -1904,7 +1904,10 @@ def test_fuzz_special_files(base, tmp_path):
             if "image" in needs:
                 write_image(work / "img.png")
             if "based" in needs:
-                (work / "based.yaml").write_text(f"base: {name}\n")
+                # a name of undecodable bytes goes into the YAML as those bytes
+                (work / "based.yaml").write_bytes(
+                    f"base: {name}\n".encode("utf-8", "surrogateescape")
+                )
             if group == "named":
                 _fill_valid(base, work, place, work / name)
             else:

@@ -90,7 +90,9 @@ def test_a_sidecar_of_another_json_type_is_refused(model, run_cli, capsys, text)
     assert "model.onnx.json: the sidecar is a JSON" in line and "not an object" in line, line
 
 
-@pytest.mark.parametrize("text", ["", "{", "\xff\xfe", "[1, 2", '{"format": "onnx"'])
+@pytest.mark.parametrize(
+    "text", ["", "{", "\xff\xfe", "[1, 2", '{"format": "onnx"', "[" * 200_000 + "]" * 200_000]
+)
 def test_a_sidecar_that_is_not_json_is_refused(model, run_cli, capsys, text):
     (model.parent / "model.onnx.json").write_bytes(text.encode("latin-1"))
     line = _run(run_cli, capsys, model, model.parent / "out")

@@ -47,6 +47,9 @@ def test_the_intact_run_reports(run, run_cli, capsys):
         (b"[" * 100_000 + b"]" * 100_000, "nest too deep"),
         (b'{"mIoU": 0.5', "not valid JSON"),
         (b'{"mIoU": "half"}', "field 'mIoU' must be a number"),
+        # a malformed entry is refused even where the command reads the final evaluation
+        (b'{"mIoU": 0.5, "best": 5}', "field 'best' must be null or"),
+        (b'{"mIoU": 0.5, "best": {"mIoU": NaN}}', "field 'best' must be null or"),
     ],
 )
 def test_a_damaged_eval_json_is_one_line(run, run_cli, capsys, damage, needle):

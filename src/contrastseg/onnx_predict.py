@@ -6,7 +6,6 @@ needs no checkpoint and no config, only ``MODEL.onnx`` and ``MODEL.onnx.json``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from contrastseg.engine.checkpoint_parts import check_channels, check_class_name
 from contrastseg.engine.inference import PredictResult, predict_files
 from contrastseg.errors import CheckpointError, one_line
 from contrastseg.export import import_optional, sidecar_path
+from contrastseg.files import parse_json
 
 SIDECAR_FIELDS = ("format", "input", "output", "class_names", "palette")
 SIDECAR_MAX_BYTES = 1 << 20  # 255 class names and colours take a few KiB
@@ -45,7 +45,7 @@ def load_sidecar(model_path: Path) -> dict:
             "export again"
         )
     try:
-        info = json.loads(path.read_text(encoding="utf-8"))
+        info = parse_json(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise CheckpointError(
             f"{path}: cannot read the sidecar JSON ({one_line(err)}); export again"

@@ -46,6 +46,12 @@ def read_eval(path: Path, checkpoint: str = "last") -> tuple[float, str | None]:
             f"{run / 'config.yaml'} --checkpoint {run / 'checkpoints'}/iter_NNNNNNN.pt` to write it"
         )
     data = read_json(path, fix="rerun `contrastseg eval` to rewrite it")
+    best = data.get("best") if isinstance(data, dict) else None
+    if best is not None and not _is_fraction(best.get("mIoU") if isinstance(best, dict) else None):
+        raise ContrastSegError(
+            f'{path}: field \'best\' must be null or {{"iteration": N, "mIoU": a number in '
+            f"[0, 1]}}, got {str(best)[:60]}; rerun `contrastseg eval` to rewrite it"
+        )
     if checkpoint == "best":
         best = data.get("best") if isinstance(data, dict) else None
         if not isinstance(best, dict):
@@ -55,13 +61,18 @@ def read_eval(path: Path, checkpoint: str = "last") -> tuple[float, str | None]:
             )
         data = {**data, "mIoU": best.get("mIoU")}
     miou = data.get("mIoU") if isinstance(data, dict) else None
-    if isinstance(miou, bool) or not isinstance(miou, int | float) or not 0 <= miou <= 1:
+    if not _is_fraction(miou):
         raise ContrastSegError(
             f"{path}: field 'mIoU' must be a number in [0, 1], got {miou!r}; rerun "
             "`contrastseg eval` to rewrite it"
         )
     split = data.get("split")
     return float(miou), split if isinstance(split, str) else None
+
+
+def _is_fraction(value: object) -> bool:
+    """A number (not a bool) in [0, 1]: an mIoU as eval.json stores it."""
+    return not isinstance(value, bool) and isinstance(value, int | float) and 0 <= value <= 1
 
 
 def median_s_per_iter(path: Path) -> float | None:
