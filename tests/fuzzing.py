@@ -859,7 +859,8 @@ def _wrong(kind: str) -> Any:
     }[kind]
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any, drop: bool = False) -> None:
+def set_dotted(tree: dict, dotted: str, value: Any, drop: bool = False) -> None:
+    """Set (or with ``drop`` remove) the key ``a.b.c`` of a nested dict, making missing parents."""
     *parents, last = dotted.split(".")
     for part in parents:
         node = tree.get(part)
@@ -891,9 +892,9 @@ def mutate_checkpoint(src: str, dst: str, spec: tuple, seal: str) -> str:
     elif op == "set":
         state[args[0]] = args[1]
     elif op == "config":
-        _set_dotted(state["config"], args[0], args[1])
+        set_dotted(state["config"], args[0], args[1])
     elif op == "config drop":
-        _set_dotted(state["config"], args[0], None, drop=True)
+        set_dotted(state["config"], args[0], None, drop=True)
     elif op == "weight shape":
         name, how = args
         t = model[name]

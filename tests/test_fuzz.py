@@ -2093,6 +2093,24 @@ ONNX_KINDS = {
     "external data": "refuse",
 }
 DEEP_JSON = "[" * 200_000 + "]" * 200_000
+# Wrong values for a field of a JSON file the commands read (a sidecar, a model folder's
+# config.json); "(removed)" removes the field.
+JSON_FIELD_VALUES = [
+    "(removed)",
+    None,
+    0,
+    -1,
+    "x",
+    [],
+    {},
+    [math.nan] * 3,
+    [0.0, 0.0, 0.0],
+    ["a", "b"],
+    [[300, 0, 0]] * 3,
+    [f"c{i}" for i in range(300)],
+    1e308,
+    True,
+]
 
 
 @st.composite
@@ -2121,36 +2139,9 @@ def sidecar_mutations(draw):
             )
         )
         value = draw(
-            st.sampled_from(
-                [
-                    "(removed)",
-                    None,
-                    0,
-                    -1,
-                    "x",
-                    "torchscript",
-                    [],
-                    {},
-                    [math.nan] * 3,
-                    [0.0, 0.0, 0.0],
-                    [1.0, 1.0],
-                    ["a", "b"],
-                    [[0, 0, 0]] * 2,
-                    [[300, 0, 0]] * 3,
-                    [f"c{i}" for i in range(300)],
-                    1e308,
-                    True,
-                ]
-            )
+            st.sampled_from([*JSON_FIELD_VALUES, "torchscript", [1.0, 1.0], [[0, 0, 0]] * 2])
         )
-        *parents, last = key.split(".")
-        node = info
-        for part in parents:
-            node = node[part]
-        if value == "(removed)":
-            node.pop(last)
-        else:
-            node[last] = value
+        fuzzing.set_dotted(info, key, value, drop=value == "(removed)")
         informational = key in ("num_classes", "sidecar_version")
         try:
             text = json.dumps(info).encode()
@@ -2450,27 +2441,14 @@ FOLDER_KEYS = [
     "digest",
 ]
 FOLDER_VALUES = [
-    "(removed)",
-    None,
-    0,
-    -1,
+    *JSON_FIELD_VALUES,
     2,
     3,
-    "x",
     "BGR",
     "hrnetv2",
-    [],
-    {},
-    [math.nan] * 3,
-    [0.0, 0.0, 0.0],
     [0.5, 0.5],
-    ["a", "b"],
     ["a", "b", "c"],
     [[0, 0, 0]] * 3,
-    [[300, 0, 0]] * 3,
-    [f"c{i}" for i in range(300)],
-    1e308,
-    True,
     "0" * 64,
 ]
 
@@ -2499,6 +2477,14 @@ def reseal_config(info: dict, weights: bytes | None, how: str) -> bytes:
     return json.dumps(info, allow_nan=True).encode()
 
 
+def _cut_or_invert(draw, data: bytes, name: str, op: str, at: int) -> tuple[bytes, str]:
+    """``data`` with byte ``at`` xor a drawn mask (``op`` "xor"), or cut before it."""
+    if op == "xor":
+        mask = draw(st.integers(1, 255))
+        return data[:at] + bytes([data[at] ^ mask]) + data[at + 1 :], f"{name} byte {at} xor {mask}"
+    return data[:at], f"{name} truncated to {at} bytes"
+
+
 @st.composite
 def folder_mutations(draw, files: dict[str, bytes]):
     """(what, {file: bytes, or None (removed), or 'folder'/'fifo'/'loop'}, expect)."""
@@ -2515,14 +2501,7 @@ def folder_mutations(draw, files: dict[str, bytes]):
         info = json.loads(files["config.json"])
         key = draw(st.sampled_from(FOLDER_KEYS))
         value = draw(st.sampled_from(FOLDER_VALUES))
-        *parents, last = key.split(".")
-        node = info
-        for part in parents:
-            node = node[part]
-        if value == "(removed)":
-            node.pop(last)
-        else:
-            node[last] = value
+        fuzzing.set_dotted(info, key, value, drop=value == "(removed)")
         how = draw(st.sampled_from(["keep", "renew", "renew", "drop"]))
         out["config.json"] = reseal_config(info, files["model.safetensors"], how)
         unchanged = json.loads(files["config.json"]) == json.loads(out["config.json"])
@@ -2536,12 +2515,8 @@ def folder_mutations(draw, files: dict[str, bytes]):
         text = files["config.json"]
         op = draw(st.sampled_from(["xor", "truncate", "insert 0xff", "BOM", "over 1 MiB"]))
         at = draw(st.integers(0, len(text) - 1))
-        if op == "xor":
-            mask = draw(st.integers(1, 255))
-            raw = text[:at] + bytes([text[at] ^ mask]) + text[at + 1 :]
-            what = f"config.json byte {at} xor {mask}"
-        elif op == "truncate":
-            raw, what = text[:at], f"config.json truncated to {at} bytes"
+        if op in ("xor", "truncate"):
+            raw, what = _cut_or_invert(draw, text, "config.json", op, at)
         elif op == "insert 0xff":
             raw, what = text[:at] + b"\xff" + text[at:], f"config.json: 0xff at {at}"
         elif op == "BOM":
@@ -2560,12 +2535,8 @@ def folder_mutations(draw, files: dict[str, bytes]):
         op = draw(st.sampled_from(["xor", "truncate", "append", "header"]))
         resealed = draw(st.booleans())
         at = draw(st.integers(0, len(data) - 1))
-        if op == "xor":
-            mask = draw(st.integers(1, 255))
-            raw = data[:at] + bytes([data[at] ^ mask]) + data[at + 1 :]
-            what = f"model.safetensors byte {at} xor {mask}"
-        elif op == "truncate":
-            raw, what = data[:at], f"model.safetensors truncated to {at} bytes"
+        if op in ("xor", "truncate"):
+            raw, what = _cut_or_invert(draw, data, "model.safetensors", op, at)
         elif op == "append":
             raw, what = (
                 data + b"\0" * draw(st.integers(1, 64)),
