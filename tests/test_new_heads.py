@@ -28,7 +28,7 @@ from contrastseg.models.summary import format_models, list_models, summarize
 from contrastseg.report import format_markdown
 from contrastseg.rundir import load_runs
 from test_model_zoo import _few_threads, model_cfg  # noqa: F401  (autouse fixture)
-from tiny import SMALL_CONTRAST, TINY
+from tiny import SMALL_CONTRAST, zoo_run_overrides
 
 CONFIGS = Path(__file__).parents[1] / "configs" / "cityscapes"
 NUM_CLASSES = 5
@@ -295,20 +295,7 @@ TRAIN = [
 
 @pytest.mark.parametrize(("head", "backbone"), TRAIN, ids=[h for h, _ in TRAIN])
 def test_head_trains_with_and_without_contrast_and_exports(tmp_path, head, backbone):
-    common = [
-        *TINY,
-        f"model.head={head}",
-        f"model.backbone.name={backbone}",
-        "data.train_size=4",
-        "data.val_size=2",
-        "train.iters=2",
-        "train.batch_size=2",
-        "train.log_every=1",
-        "train.checkpoint_every=2",
-        "eval.batch_size=2",
-        "eval.figure_images=0",
-        f"output.root={tmp_path}",
-    ]
+    common = zoo_run_overrides(tmp_path, head, backbone)
     logs = {}
     for contrast in (False, True):
         extra = [*SMALL_CONTRAST, "loss.contrast.memory.enabled=false"] if contrast else []

@@ -5,7 +5,6 @@ the released forward on BGR input, written here from the released network's desc
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -25,6 +24,7 @@ from contrastseg.models import build_model
 from contrastseg.models.backbones import TimmBackbone
 from contrastseg.prototype import PrototypeClassifier
 from test_convert import bn, conv, released_backbone
+from test_released_eval import random_weight
 from test_released_files import save_like_the_released_trainer
 
 K = 19  # Cityscapes classes
@@ -58,19 +58,10 @@ def random_released_state(seed: int = 0) -> dict[str, torch.Tensor]:
     for key, shape in shapes.items():
         if key.startswith("proj_head.mlp2."):
             continue  # the alias: the same tensors, below
-        if key.endswith("num_batches_tracked"):
-            state[key] = torch.zeros(shape, dtype=torch.long)
-        elif key.endswith("running_var"):
-            state[key] = torch.rand(shape, generator=gen) + 0.5
-        elif key.endswith(("running_mean", "bias")):
-            state[key] = 0.1 * torch.randn(shape, generator=gen)
-        elif len(shape) == 1:  # batch-norm and layer-norm weights
-            state[key] = torch.rand(shape, generator=gen) + 0.5
-        elif key == "prototypes":
+        if key == "prototypes":
             state[key] = F.normalize(torch.randn(shape, generator=gen), dim=-1)
         else:
-            fan_in = int(np.prod(shape[1:]))
-            state[key] = torch.randn(shape, generator=gen) * (2.0 / fan_in) ** 0.5
+            state[key] = random_weight(key, shape, gen)
     for key in list(state):
         if key.startswith("proj_head.proj."):
             state[key.replace("proj_head.proj.", "proj_head.mlp2.")] = state[key]

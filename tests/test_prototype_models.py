@@ -21,7 +21,7 @@ from contrastseg.losses import LossSet
 from contrastseg.models import InferenceModel, build_model
 from contrastseg.prototype import PrototypeClassifier
 from test_model_zoo import _few_threads  # noqa: F401  (autouse fixture)
-from tiny import SMALL_CONTRAST, TINY
+from tiny import SMALL_CONTRAST, TINY, zoo_run_overrides
 
 NUM_CLASSES = 5
 
@@ -43,21 +43,10 @@ ONNX_HEADS = ("hrnetv2", "deeplabv3plus")
 
 def overrides(root, head, backbone, extra, name):
     return [
-        *TINY,
-        f"model.head={head}",
-        f"model.backbone.name={backbone}",
+        *zoo_run_overrides(root, head, backbone),
         *extra,
         "model.classifier=prototype",
         "model.prototype.num_prototypes=3",
-        "data.train_size=4",
-        "data.val_size=2",
-        "train.iters=2",
-        "train.batch_size=2",
-        "train.log_every=1",
-        "train.checkpoint_every=2",
-        "eval.batch_size=2",
-        "eval.figure_images=0",
-        f"output.root={root}",
         f"output.name={name}",
     ]
 

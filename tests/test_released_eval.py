@@ -39,20 +39,23 @@ def random_released_state(seed: int = 0) -> dict[str, torch.Tensor]:
     """A released HRNet_W48_CONTRAST state dict on the W18-small backbone with random weights
     and batch-norm statistics (so that the network computes something non-trivial)."""
     gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, shape in released_shapes("hrnet_w48", "hrnetv2_w18_small", True).items():
-        if key.endswith("num_batches_tracked"):
-            state[key] = torch.zeros(shape, dtype=torch.long)
-        elif key.endswith("running_var"):
-            state[key] = torch.rand(shape, generator=gen) + 0.5
-        elif key.endswith(("running_mean", "bias")):
-            state[key] = 0.1 * torch.randn(shape, generator=gen)
-        elif len(shape) == 1:  # batch-norm weight
-            state[key] = torch.rand(shape, generator=gen) + 0.5
-        else:
-            fan_in = int(np.prod(shape[1:]))
-            state[key] = torch.randn(shape, generator=gen) * (2.0 / fan_in) ** 0.5
-    return state
+    shapes = released_shapes("hrnet_w48", "hrnetv2_w18_small", True)
+    return {key: random_weight(key, shape, gen) for key, shape in shapes.items()}
+
+
+def random_weight(key: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """A random value for the released tensor ``key``: zero batch counts, positive variances
+    and norm weights, small biases and means, He-initialised convolutions."""
+    if key.endswith("num_batches_tracked"):
+        return torch.zeros(shape, dtype=torch.long)
+    if key.endswith("running_var"):
+        return torch.rand(shape, generator=gen) + 0.5
+    if key.endswith(("running_mean", "bias")):
+        return 0.1 * torch.randn(shape, generator=gen)
+    if len(shape) == 1:  # batch-norm (and layer-norm) weights
+        return torch.rand(shape, generator=gen) + 0.5
+    fan_in = int(np.prod(shape[1:]))
+    return torch.randn(shape, generator=gen) * (2.0 / fan_in) ** 0.5
 
 
 def their_network(state: dict[str, torch.Tensor]):

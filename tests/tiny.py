@@ -53,3 +53,22 @@ def train_tiny_checkpoint(root, *extra: str):
     )
     result = train(cfg, progress=False)
     return cfg, ckpt.list_checkpoints(result.run_dir / "checkpoints")[-1]
+
+
+def zoo_run_overrides(root, head: str, backbone: str) -> list[str]:
+    """The tiny settings for a 2-iteration run of ``head`` on ``backbone`` (4 training and 2
+    val images, batch 2, a log line per iteration, one checkpoint) into ``root``."""
+    return [
+        *TINY,
+        f"model.head={head}",
+        f"model.backbone.name={backbone}",
+        "data.train_size=4",
+        "data.val_size=2",
+        "train.iters=2",
+        "train.batch_size=2",
+        "train.log_every=1",
+        "train.checkpoint_every=2",
+        "eval.batch_size=2",
+        "eval.figure_images=0",
+        f"output.root={root}",
+    ]

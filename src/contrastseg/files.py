@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
@@ -39,6 +40,32 @@ def atomic_write(path: Path, write: Callable[[Path], T]) -> T:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync(path.parent, os.O_RDONLY)
+    return result
+
+
+def atomic_write_folder(path: Path, write: Callable[[Path], T]) -> T:
+    """The folder counterpart of :func:`atomic_write`: ``write(tmp)`` fills a hidden temporary
+    folder beside ``path`` (``path`` must not exist or be an empty folder), whose files are
+    flushed to disk before it is renamed to ``path``: ``path`` then appears whole or not at
+    all. On any failure the temporary folder is removed. Its files get the permissions of any
+    new file, the folder those of any new folder. Returns what ``write`` returns."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        result = write(tmp)
+        umask = current_umask()
+        for file in tmp.iterdir():
+            os.chmod(file, 0o666 & ~umask)
+            _fsync(file, os.O_RDONLY)
+        os.chmod(tmp, 0o777 & ~umask)
+        if path.is_dir():
+            path.rmdir()  # empty, or rmdir refuses; the rename needs the name free
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     _fsync(path.parent, os.O_RDONLY)
     return result

@@ -14,8 +14,6 @@ folders, their model card, and gives the loaded model its methods.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -38,7 +36,7 @@ from contrastseg.engine.pretrained import (
     inference_weights,
 )
 from contrastseg.errors import CheckpointError, OutputError
-from contrastseg.files import current_umask, read_json
+from contrastseg.files import atomic_write_folder, read_json
 from contrastseg.models import Segmentor
 
 #: Sections of a run's config that describe the machine it ran on, not the recipe.
@@ -235,37 +233,19 @@ def write_folder(folder: str | Path, weights: dict[str, torch.Tensor], info: dic
     from safetensors.torch import save_file
 
     folder = check_new_folder(Path(folder))
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         # as JSON reads it back (tuples become lists), so that the digest is that of the file
-        info = json.loads(json.dumps({k: v for k, v in info.items() if k != "digest"}))
-        info["weights"] = {"file": WEIGHTS_FILE, "sha256": file_sha256(tmp / WEIGHTS_FILE)}
-        info = sealed(info)
-        (tmp / CONFIG_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        (tmp / CARD_FILE).write_text(model_card(info, folder.name), encoding="utf-8")
-        mode = 0o666 & ~current_umask()
-        for name in (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE):
-            os.chmod(tmp / name, mode)
-            _fsync(tmp / name)
-        os.chmod(tmp, 0o777 & ~current_umask())
-        if folder.is_dir():
-            folder.rmdir()  # empty (checked); the rename needs the name free
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync(folder.parent)
+        sealed_info = json.loads(json.dumps({k: v for k, v in info.items() if k != "digest"}))
+        sealed_info["weights"] = {"file": WEIGHTS_FILE, "sha256": file_sha256(tmp / WEIGHTS_FILE)}
+        sealed_info = sealed(sealed_info)
+        text = json.dumps(sealed_info, indent=2) + "\n"
+        (tmp / CONFIG_FILE).write_text(text, encoding="utf-8")
+        (tmp / CARD_FILE).write_text(model_card(sealed_info, folder.name), encoding="utf-8")
+
+    atomic_write_folder(folder, write)
     return folder
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def push_folder(

@@ -248,20 +248,9 @@ def build_model(
 def build_prototype_classifier(
     cfg: ModelConfig, num_classes: int, in_channels: int, seed: int = 0
 ) -> PrototypeClassifier:
-    """The :class:`PrototypeClassifier` ``model.prototype`` describes, on ``in_channels``."""
-    p = cfg.prototype
-    return PrototypeClassifier(
-        num_classes,
-        in_channels,
-        p.num_prototypes,
-        momentum=p.momentum,
-        sinkhorn_iterations=p.sinkhorn_iterations,
-        sinkhorn_epsilon=p.sinkhorn_epsilon,
-        assignment=p.assignment,
-        projection_norm=p.projection_norm,
-        update_prototypes=p.update_prototypes,
-        seed=seed,
-    )
+    """The :class:`PrototypeClassifier` ``model.prototype`` describes, on ``in_channels`` (the
+    section's keys are the classifier's arguments of the same names)."""
+    return PrototypeClassifier(num_classes, in_channels, **cfg.prototype.model_dump(), seed=seed)
 
 
 def count_parameters(module: nn.Module) -> int:
